@@ -1,0 +1,173 @@
+"""The CIFAR-100 LightningDataModule: whole splits in memory as uint8, batches by slicing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from cifar_resnet.data.archive import (
+    Cifar100,
+    Split,
+    download_archive,
+    find_archive,
+    load_cifar100,
+    missing_data_message,
+)
+from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
+from cifar_resnet.errors import UserError
+
+
+class TensorBatches(Dataset):
+    """Images and labels held as tensors; a batch is one slice (``__getitems__``), not N lookups."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Collate function for :class:`TensorBatches`: the slice already is the batch."""
+    return batch
+
+
+class CIFAR100DataModule(LightningDataModule):
+    """CIFAR-100 from the official archive, with flips, normalisation and resizing done on the device."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        batch_size: int = 100,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        hflip_prob: float = 0.2,
+        vflip_prob: float = 0.2,
+        mean: tuple[float, float, float] = CIFAR100_MEAN,
+        std: tuple[float, float, float] = CIFAR100_STD,
+        output_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            data_dir: Folder holding ``cifar-100-python/`` (extracted) or ``cifar-100-python.tar.gz``.
+            download: Fetch the official archive into ``data_dir`` if it is not there (checks the md5).
+            batch_size: Training batch size (per device).
+            eval_batch_size: Batch size for validation, test and predict; defaults to ``batch_size``.
+            val_size: Training images held out for validation, chosen with ``split_seed``. With 0, all
+                50,000 images train (as the seed did) and validation runs on the test split.
+            split_seed: Seed of the train/validation split; fixed so runs are comparable.
+            hflip_prob: Probability of a horizontal flip per training image.
+            vflip_prob: Probability of a vertical flip per training image.
+            mean: Per-channel mean for normalisation (train and test).
+            std: Per-channel standard deviation for normalisation (train and test).
+            output_size: Side of the images the model sees: 32, or 224 for ImageNet fine-tuning.
+            num_workers: DataLoader worker processes; 0 is right, since a batch is one slice in memory.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0 <= hflip_prob <= 1 or not 0 <= vflip_prob <= 1:
+            raise UserError(f"Flip probabilities must lie in [0, 1], got hflip_prob={hflip_prob}, vflip_prob={vflip_prob}.")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or output_size < 1:
+            raise UserError("batch_size, eval_batch_size and output_size must be positive integers.")
+        if val_size < 0:
+            raise UserError(f"val_size must be 0 or more, got {val_size}.")
+        self.data_dir = Path(data_dir)
+        self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob)
+        self.dataset: Cifar100 | None = None
+        self.splits: dict[str, Split] = {}
+
+    @property
+    def class_names(self) -> list[str]:
+        """The 100 fine class names, from the archive's ``meta``."""
+        return self._data().class_names
+
+    def prepare_data(self) -> None:
+        """Download the archive (once per node) if asked to and it is missing."""
+        if self.hparams.download and find_archive(self.data_dir) is None:
+            download_archive(self.data_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the archive and split off the validation images."""
+        data = self._data()
+        if self.splits:
+            return
+        train = data.train
+        val_size = self.hparams.val_size
+        if val_size >= len(train.labels):
+            raise UserError(f"val_size={val_size} leaves no training images (the train split has {len(train.labels)}).")
+        if val_size:
+            order = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(self.hparams.split_seed))
+            held, kept = order[:val_size], order[val_size:]
+            self.splits["val"] = _subset(train, held)
+            self.splits["train"] = _subset(train, kept)
+        else:
+            self.splits["train"] = train
+            self.splits["val"] = data.test
+        self.splits["test"] = data.test
+
+    def _data(self) -> Cifar100:
+        """The archive, read on first use."""
+        if self.dataset is None:
+            source = find_archive(self.data_dir)
+            if source is None:
+                raise UserError(missing_data_message(self.data_dir))
+            self.dataset = load_cifar100(source)
+        return self.dataset
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        """A DataLoader that slices batches out of the in-memory split."""
+        data = self.splits[split]
+        return DataLoader(
+            TensorBatches(data.images, data.labels),
+            batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            shuffle=train,
+            drop_last=False,
+            collate_fn=keep_batch,
+            num_workers=self.hparams.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (the held-out images, or the test split when ``val_size`` is 0)."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test split batches."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Test split batches, for ``predict``."""
+        return self._loader("test")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Flip (training only), normalise and resize the uint8 batch on its device."""
+        images, labels = batch
+        self.transform.to(images.device)
+        training = self.trainer is not None and self.trainer.training
+        return self.transform(images, train=training), labels
+
+
+def _subset(split: Split, index: Tensor) -> Split:
+    """The images of ``split`` at ``index``."""
+    return Split(split.images[index], split.labels[index], split.coarse_labels[index])
