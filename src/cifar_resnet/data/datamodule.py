@@ -36,8 +36,9 @@ class TensorBatches(Dataset):
         return self.images[index], self.labels[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        index = torch.as_tensor(indices)
-        return self.images[index], self.labels[index]
+        index = torch.as_tensor(indices, device=self.labels.device)
+        # index_select copies whole rows; advanced indexing (images[index]) is ~20x slower on CPU.
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -62,6 +63,7 @@ class CIFAR100DataModule(LightningDataModule):
         std: tuple[float, float, float] = CIFAR100_STD,
         output_size: int = 32,
         num_workers: int = 0,
+        data_on_device: bool = False,
     ) -> None:
         """
         Args:
@@ -78,6 +80,9 @@ class CIFAR100DataModule(LightningDataModule):
             std: Per-channel standard deviation for normalisation (train and test).
             output_size: Side of the images the model sees: 32, or 224 for ImageNet fine-tuning.
             num_workers: DataLoader worker processes; 0 is right, since a batch is one slice in memory.
+            data_on_device: Keep the uint8 splits in accelerator memory (about 180 MB), so batches are
+                sliced there and nothing crosses the host link while training. Each DDP process holds
+                its own copy and still reads only its shard.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -87,6 +92,8 @@ class CIFAR100DataModule(LightningDataModule):
             raise UserError("batch_size, eval_batch_size and output_size must be positive integers.")
         if val_size < 0:
             raise UserError(f"val_size must be 0 or more, got {val_size}.")
+        if data_on_device and num_workers:
+            raise UserError("data_on_device: true needs num_workers: 0 (worker processes cannot slice GPU tensors).")
         self.data_dir = Path(data_dir)
         self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob)
         self.dataset: Cifar100 | None = None
@@ -120,6 +127,9 @@ class CIFAR100DataModule(LightningDataModule):
             self.splits["train"] = train
             self.splits["val"] = data.test
         self.splits["test"] = data.test
+        if self.hparams.data_on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.splits = {name: _to(split, device) for name, split in self.splits.items()}
 
     def _data(self) -> Cifar100:
         """The archive, read on first use."""
@@ -133,6 +143,7 @@ class CIFAR100DataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         """A DataLoader that slices batches out of the in-memory split."""
         data = self.splits[split]
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             TensorBatches(data.images, data.labels),
             batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
@@ -140,7 +151,7 @@ class CIFAR100DataModule(LightningDataModule):
             drop_last=False,
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=on_gpu and data.images.device.type == "cpu",
             persistent_workers=self.hparams.num_workers > 0,
         )
 
@@ -171,3 +182,8 @@ class CIFAR100DataModule(LightningDataModule):
 def _subset(split: Split, index: Tensor) -> Split:
     """The images of ``split`` at ``index``."""
     return Split(split.images[index], split.labels[index], split.coarse_labels[index])
+
+
+def _to(split: Split, device: torch.device) -> Split:
+    """``split`` moved to ``device``."""
+    return Split(split.images.to(device), split.labels.to(device), split.coarse_labels.to(device))
