@@ -44,8 +44,8 @@ class ImageClassifier(LightningModule, ABC):
         self.criterion = nn.CrossEntropyLoss()
         metrics = MetricCollection(
             {
-                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                "top5": MulticlassAccuracy(num_classes, top_k=5, average="micro"),
+                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
+                "top5": MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False),
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
