@@ -20,6 +20,7 @@ from cifar_resnet.data.archive import (
 )
 from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
 from cifar_resnet.errors import UserError
+from cifar_resnet.predict import read_images
 
 
 class TensorBatches(Dataset):
@@ -62,6 +63,8 @@ class CIFAR100DataModule(LightningDataModule):
         std: tuple[float, float, float] = CIFAR100_STD,
         output_size: int = 32,
         num_workers: int = 0,
+        predict_path: str | None = None,
+        predict_output: str | None = None,
     ) -> None:
         """
         Args:
@@ -78,6 +81,10 @@ class CIFAR100DataModule(LightningDataModule):
             std: Per-channel standard deviation for normalisation (train and test).
             output_size: Side of the images the model sees: 32, or 224 for ImageNet fine-tuning.
             num_workers: DataLoader worker processes; 0 is right, since a batch is one slice in memory.
+            predict_path: An image file or a folder of images (PNG, JPEG) for ``predict``; each is centre-cropped
+                to a square and resized to 32x32 like CIFAR, then transformed like the test images. Without
+                it, ``predict`` runs on the test split.
+            predict_output: Where ``predict`` writes its CSV; default ``predictions.csv`` in the run's log folder.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -91,6 +98,7 @@ class CIFAR100DataModule(LightningDataModule):
         self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob)
         self.dataset: Cifar100 | None = None
         self.splits: dict[str, Split] = {}
+        self.predict_names: list[str] = []
 
     @property
     def class_names(self) -> list[str]:
@@ -105,7 +113,11 @@ class CIFAR100DataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read the archive and split off the validation images."""
         data = self._data()
-        if self.splits:
+        if stage == "predict":
+            if "predict" not in self.splits:
+                self._setup_predict(data)
+            return
+        if "train" in self.splits:
             return
         train = data.train
         val_size = self.hparams.val_size
@@ -120,6 +132,16 @@ class CIFAR100DataModule(LightningDataModule):
             self.splits["train"] = train
             self.splits["val"] = data.test
         self.splits["test"] = data.test
+
+    def _setup_predict(self, data: Cifar100) -> None:
+        """The images to predict on: the files at ``predict_path``, or the test split; and their names."""
+        if self.hparams.predict_path is None:
+            self.splits["predict"] = data.test
+            self.predict_names = [f"test[{i}]" for i in range(len(data.test.labels))]
+            return
+        self.predict_names, images = read_images(Path(self.hparams.predict_path))
+        unknown = torch.full((len(images),), -1, dtype=torch.long)
+        self.splits["predict"] = Split(images, unknown, unknown)
 
     def _data(self) -> Cifar100:
         """The archive, read on first use."""
@@ -157,8 +179,8 @@ class CIFAR100DataModule(LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """Test split batches, for ``predict``."""
-        return self._loader("test")
+        """Batches of the ``predict_path`` images, or of the test split without it."""
+        return self._loader("predict")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Flip (training only), normalise and resize the uint8 batch on its device."""
