@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cifar_resnet.figures import (
@@ -175,42 +176,55 @@ class ClassFigures(Callback):
 
 
 class HParamsSummary(Callback):
-    """Puts the hyper-parameters and the run's final metrics in TensorBoard's HPARAMS tab.
+    """Lists every run in TensorBoard's HPARAMS tab: its hyper-parameters next to its final metrics.
 
-    At the end of ``fit``: ``hp/best_<monitor>`` (the best checkpoint's score) and the last epoch's
-    train/val metrics; at the end of ``test``: the test metrics. They are logged as ``hp/...`` scalars
-    so that the training curves keep only real values. Needs the logger's ``default_hp_metric: false``
-    (TensorBoard keeps the first metric list a run declares, and the default declares ``hp_metric``).
+    When ``fit`` or ``test`` starts, writes a session record with the module's and DataModule's
+    hyper-parameters; when it ends, marks the session done and (after ``fit``) logs ``val/top1_best``,
+    the best checkpoint's score. TensorBoard shows the last value of each scalar of a run as its
+    metrics, so ``fit`` runs show train/val results and ``test`` runs test results. No "experiment"
+    record is written, because TensorBoard uses the first one it finds and then ignores other runs'
+    metrics; for the same reason the logger needs ``default_hp_metric: false`` (as in the configs).
     """
 
-    FIT_METRICS = ("train/loss_epoch", "train/top1", "train/top5", "val/loss", "val/top1", "val/top5")
-    TEST_METRICS = ("test/loss", "test/top1", "test/top5")
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, start=True)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, start=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = self._pick(trainer, self.FIT_METRICS)
         checkpoint = trainer.checkpoint_callback
+        logger = tensorboard(trainer)
         score = getattr(checkpoint, "best_model_score", None)
-        if score is not None:
-            metrics[f"hp/best_{checkpoint.monitor.replace('/', '_')}"] = float(score)
-        self._log(trainer, pl_module, metrics)
+        if trainer.is_global_zero and logger is not None and score is not None and checkpoint.monitor:
+            logger.log_metrics({f"{checkpoint.monitor}_best": float(score)}, step=trainer.global_step)
+        self._write(trainer, pl_module, start=False)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log(trainer, pl_module, self._pick(trainer, self.TEST_METRICS))
+        self._write(trainer, pl_module, start=False)
 
     @staticmethod
-    def _pick(trainer: Trainer, names: tuple[str, ...]) -> dict[str, float]:
-        """The named metrics that were logged, renamed ``hp/<stage>_<name>``."""
-        found = trainer.callback_metrics
-        return {"hp/" + name.replace("/", "_").removesuffix("_epoch"): float(found[name]) for name in names if name in found}
-
-    @staticmethod
-    def _log(trainer: Trainer, pl_module: LightningModule, metrics: dict[str, float]) -> None:
-        """Write the module's and DataModule's hyper-parameters with ``metrics`` (rank 0)."""
+    def _write(trainer: Trainer, pl_module: LightningModule, start: bool) -> None:
+        """Write the session-start (with the hyper-parameters) or session-end record (rank 0)."""
         logger = tensorboard(trainer)
-        if not trainer.is_global_zero or logger is None or not metrics:
+        if not trainer.is_global_zero or logger is None:
             return
         params = dict(pl_module.hparams_initial)
         if trainer.datamodule is not None:
             params.update(trainer.datamodule.hparams_initial)
-        logger.log_hyperparams(params, metrics=metrics, step=trainer.global_step)
+        _, session_start, session_end = hparams(flat_hparams(params), {})
+        logger.experiment._get_file_writer().add_summary(session_start if start else session_end)
         logger.experiment.flush()
+
+
+def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested hyper-parameters as ``a/b/c`` keys with values TensorBoard accepts (others become text)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
