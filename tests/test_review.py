@@ -237,3 +237,16 @@ def test_predict_lists_every_file_it_cannot_read(reviewed: ReviewedRun, tmp_path
     (tmp_path / "empty").mkdir()
     proc = run_cli(*args, "--data.predict_path", str(tmp_path / "empty"), cwd=tmp_path, expect_ok=False)
     assert proc.returncode == 2 and "holds no files" in proc.stderr
+
+
+def test_superclass_accuracy_counts_exact_and_same_superclass_answers() -> None:
+    import torch
+
+    from cifar_resnet.figures import per_class_accuracy, superclass_accuracy
+
+    # 4 classes in 2 superclasses {0, 1} and {2, 3}; rows are true classes.
+    confusion = torch.tensor([[3, 1, 0, 0], [2, 2, 0, 0], [0, 0, 4, 0], [1, 0, 1, 2]])
+    exact, coarse = superclass_accuracy(confusion, torch.tensor([0, 0, 1, 1]), 2)
+    assert exact.tolist() == pytest.approx([5 / 8, 6 / 8])
+    assert coarse.tolist() == pytest.approx([8 / 8, 7 / 8])
+    assert per_class_accuracy(confusion).tolist() == pytest.approx([3 / 4, 2 / 4, 1.0, 2 / 4])
