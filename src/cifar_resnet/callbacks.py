@@ -1,4 +1,4 @@
-"""Callbacks that log what plain metrics do not: speed."""
+"""Callbacks that log what plain metrics do not: speed, per-class figures, hyper-parameters with results."""
 
 from __future__ import annotations
 
@@ -7,10 +7,25 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from cifar_resnet.figures import (
+    class_accuracy_figure,
+    confusion_matrix_figure,
+    misclassified_figure,
+    per_class_accuracy,
+    superclass_accuracy,
+    superclass_accuracy_figure,
+)
 
 
 class SpeedMonitor(Callback):
-    """Logs ``train/epoch_time`` (s) and ``train/images_per_sec`` (all devices together) each epoch."""
+    """Logs ``train/epoch_time`` (s) and ``train/images_per_sec`` (all devices together) each epoch,
+    and shows the running images/s of the epoch in the progress bar."""
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -23,6 +38,10 @@ class SpeedMonitor(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._images += len(batch[1])
+        elapsed = time.perf_counter() - self._start
+        if trainer.progress_bar_callback is not None and elapsed > 0:
+            rate = self._images * trainer.world_size / elapsed
+            pl_module.log("img/s", float(round(rate)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if torch.cuda.is_available():
@@ -30,3 +49,182 @@ class SpeedMonitor(Callback):
         elapsed = time.perf_counter() - self._start
         pl_module.log("train/epoch_time", elapsed, sync_dist=True, reduce_fx="max")
         pl_module.log("train/images_per_sec", self._images * trainer.world_size / elapsed, sync_dist=True, reduce_fx="min")
+
+
+def tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
+    """The trainer's TensorBoard logger, if it has one."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def class_info(trainer: Trainer, num_classes: int) -> tuple[list[str], Tensor, list[str]]:
+    """Class names, each class's superclass and the superclass names, from the DataModule's archive."""
+    dataset = getattr(trainer.datamodule, "dataset", None)
+    if dataset is None:  # another DataModule: number the classes, one group
+        return [str(i) for i in range(num_classes)], torch.zeros(num_classes, dtype=torch.long), ["all"]
+    return dataset.class_names, dataset.fine_to_coarse(), dataset.superclass_names
+
+
+class ClassFigures(Callback):
+    """Per-class pictures in TensorBoard's IMAGES tab, classes grouped by CIFAR-100's 20 superclasses.
+
+    After each validation epoch: ``val/confusion_matrix`` and ``val/class_accuracy``. After testing,
+    the same for ``test/`` plus ``test/superclass_accuracy`` and ``test/misclassified``, a grid of
+    wrongly classified test images captioned with the true and predicted class. The confusion matrix
+    is a torchmetrics metric, so it covers every process's images under DDP; figures are drawn by rank 0.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, num_misclassified: int = 32) -> None:
+        """
+        Args:
+            every_n_epochs: Draw the validation figures every this many epochs (and always after the last);
+                drawing takes about a second.
+            num_misclassified: Misclassified test images shown in the grid.
+        """
+        self.every_n_epochs = every_n_epochs
+        self.num_misclassified = num_misclassified
+        self.confusion: MulticlassConfusionMatrix | None = None
+        self._wrong: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._wrong_count = 0
+
+    def _start(self, pl_module: LightningModule) -> None:
+        """A fresh confusion matrix on the module's device."""
+        if self.confusion is None:
+            self.confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes)
+        self.confusion = self.confusion.to(pl_module.device)
+        self.confusion.reset()
+
+    def _draw_now(self, trainer: Trainer) -> bool:
+        """Whether this validation epoch gets figures."""
+        if trainer.sanity_checking:
+            return False
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._draw_now(trainer):
+            self.confusion.update(outputs["logits"].argmax(dim=-1), batch[1])
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._draw_now(trainer):
+            self._log_class_figures(trainer, pl_module, "val", self.confusion.compute())
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start(pl_module)
+        self._wrong, self._wrong_count = [], 0
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        images, labels = batch
+        predicted = outputs["logits"].argmax(dim=-1)
+        self.confusion.update(predicted, labels)
+        if self._wrong_count < self.num_misclassified:
+            wrong = (predicted != labels).nonzero().flatten()[: self.num_misclassified - self._wrong_count]
+            self._wrong.append((self._displayable(trainer, images[wrong]), labels[wrong].cpu(), predicted[wrong].cpu()))
+            self._wrong_count += len(wrong)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        confusion = self.confusion.compute()
+        self._log_class_figures(trainer, pl_module, "test", confusion)
+        writer = tensorboard(trainer)
+        if not trainer.is_global_zero or writer is None:
+            return
+        names, fine_to_coarse, super_names = class_info(trainer, pl_module.hparams.num_classes)
+        exact, coarse = superclass_accuracy(confusion, fine_to_coarse, len(super_names))
+        step = trainer.global_step
+        title = "Test accuracy per superclass: exact class (dark) and right superclass (light)"
+        self._add(writer, "test/superclass_accuracy", superclass_accuracy_figure(exact, coarse, super_names, title), step)
+        if self._wrong_count:
+            images, true, predicted = (torch.cat(parts) for parts in zip(*self._wrong))
+            title = "Misclassified test images: true class → predicted class"
+            figure = misclassified_figure(images, [names[i] for i in true], [names[i] for i in predicted], title)
+            self._add(writer, "test/misclassified", figure, step)
+
+    def _log_class_figures(self, trainer: Trainer, pl_module: LightningModule, stage: str, confusion: Tensor) -> None:
+        """The confusion matrix and per-class accuracy of ``stage``, drawn and logged by rank 0."""
+        writer = tensorboard(trainer)
+        if not trainer.is_global_zero or writer is None:
+            return
+        names, fine_to_coarse, super_names = class_info(trainer, pl_module.hparams.num_classes)
+        when = f"epoch {trainer.current_epoch}" if stage == "val" else "test split"
+        images = int(confusion.sum())
+        title = f"{stage} confusion matrix, {when}, {images} images (rows: true class, normalised; grouped by superclass)"
+        self._add(writer, f"{stage}/confusion_matrix", confusion_matrix_figure(confusion, names, fine_to_coarse, super_names, title), trainer.global_step)
+        title = f"{stage} accuracy per class, {when} (grouped and coloured by superclass)"
+        accuracy = per_class_accuracy(confusion)
+        self._add(writer, f"{stage}/class_accuracy", class_accuracy_figure(accuracy, names, fine_to_coarse, super_names, title), trainer.global_step)
+
+    @staticmethod
+    def _add(logger: TensorBoardLogger, tag: str, figure: Figure, step: int) -> None:
+        logger.experiment.add_figure(tag, figure, global_step=step, close=True)
+
+    @staticmethod
+    def _displayable(trainer: Trainer, images: Tensor) -> Tensor:
+        """Normalised model inputs back to uint8 pixels (the DataModule's transform knows mean and std)."""
+        transform = getattr(trainer.datamodule, "transform", None)
+        images = images.float()
+        if transform is not None:
+            images = images * transform.std.to(images.device) + transform.mean.to(images.device)
+        else:
+            images = (images - images.amin()) / (images.amax() - images.amin()).clamp(min=1e-6)
+        return images.clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+class HParamsSummary(Callback):
+    """Lists every run in TensorBoard's HPARAMS tab: its hyper-parameters next to its final metrics.
+
+    When ``fit`` or ``test`` starts, writes a session record with the module's and DataModule's
+    hyper-parameters; when it ends, marks the session done and (after ``fit``) logs ``val/top1_best``,
+    the best checkpoint's score. TensorBoard shows the last value of each scalar of a run as its
+    metrics, so ``fit`` runs show train/val results and ``test`` runs test results. No "experiment"
+    record is written, because TensorBoard uses the first one it finds and then ignores other runs'
+    metrics; for the same reason the logger needs ``default_hp_metric: false`` (as in the configs).
+    """
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, start=True)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, start=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        logger = tensorboard(trainer)
+        score = getattr(checkpoint, "best_model_score", None)
+        if trainer.is_global_zero and logger is not None and score is not None and checkpoint.monitor:
+            logger.log_metrics({f"{checkpoint.monitor}_best": float(score)}, step=trainer.global_step)
+        self._write(trainer, pl_module, start=False)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, start=False)
+
+    @staticmethod
+    def _write(trainer: Trainer, pl_module: LightningModule, start: bool) -> None:
+        """Write the session-start (with the hyper-parameters) or session-end record (rank 0)."""
+        logger = tensorboard(trainer)
+        if not trainer.is_global_zero or logger is None:
+            return
+        params = dict(pl_module.hparams_initial)
+        if trainer.datamodule is not None:
+            params.update(trainer.datamodule.hparams_initial)
+        _, session_start, session_end = hparams(flat_hparams(params), {})
+        logger.experiment._get_file_writer().add_summary(session_start if start else session_end)
+        logger.experiment.flush()
+
+
+def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested hyper-parameters as ``a/b/c`` keys with values TensorBoard accepts (others become text)."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat

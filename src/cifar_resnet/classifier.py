@@ -73,8 +73,8 @@ class ImageClassifier(LightningModule, ABC):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        """Loss and metrics of one batch, logged under ``stage/``."""
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        """Loss and metrics of one batch, logged under ``stage/``; returns the loss and the logits."""
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
@@ -83,19 +83,19 @@ class ImageClassifier(LightningModule, ABC):
         training = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=True, sync_dist=not training, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
-        return loss
+        return {"loss": loss, "logits": logits.detach()}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step's loss."""
-        return self._step(batch, "train")
+        return self._step(batch, "train")["loss"]
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Validation loss and accuracy."""
-        self._step(batch, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Validation loss and accuracy; the logits go on to callbacks (confusion matrix)."""
+        return self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Test loss and accuracy."""
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Test loss and accuracy; the logits go on to callbacks (confusion matrix, report)."""
+        return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Top-5 class indices and probabilities of each image."""

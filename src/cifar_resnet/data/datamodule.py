@@ -20,6 +20,7 @@ from cifar_resnet.data.archive import (
 )
 from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
 from cifar_resnet.errors import UserError
+from cifar_resnet.predict import read_images
 
 
 class TensorBatches(Dataset):
@@ -64,6 +65,8 @@ class CIFAR100DataModule(LightningDataModule):
         output_size: int = 32,
         num_workers: int = 0,
         data_on_device: bool = False,
+        predict_path: str | None = None,
+        predict_output: str | None = None,
     ) -> None:
         """
         Args:
@@ -83,6 +86,10 @@ class CIFAR100DataModule(LightningDataModule):
             data_on_device: Keep the uint8 splits in accelerator memory (about 180 MB), so batches are
                 sliced there and nothing crosses the host link while training. Each DDP process holds
                 its own copy and still reads only its shard.
+            predict_path: An image file or a folder of images (PNG, JPEG) for ``predict``; each is centre-cropped
+                to a square and resized to 32x32 like CIFAR, then transformed like the test images. Without
+                it, ``predict`` runs on the test split.
+            predict_output: Where ``predict`` writes its CSV; default ``predictions.csv`` in the run's log folder.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +105,7 @@ class CIFAR100DataModule(LightningDataModule):
         self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob)
         self.dataset: Cifar100 | None = None
         self.splits: dict[str, Split] = {}
+        self.predict_names: list[str] = []
 
     @property
     def class_names(self) -> list[str]:
@@ -112,7 +120,11 @@ class CIFAR100DataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Read the archive and split off the validation images."""
         data = self._data()
-        if self.splits:
+        if stage == "predict":
+            if "predict" not in self.splits:
+                self._setup_predict(data)
+            return
+        if "train" in self.splits:
             return
         train = data.train
         val_size = self.hparams.val_size
@@ -130,6 +142,16 @@ class CIFAR100DataModule(LightningDataModule):
         if self.hparams.data_on_device and self.trainer is not None:
             device = self.trainer.strategy.root_device
             self.splits = {name: _to(split, device) for name, split in self.splits.items()}
+
+    def _setup_predict(self, data: Cifar100) -> None:
+        """The images to predict on: the files at ``predict_path``, or the test split; and their names."""
+        if self.hparams.predict_path is None:
+            self.splits["predict"] = data.test
+            self.predict_names = [f"test[{i}]" for i in range(len(data.test.labels))]
+            return
+        self.predict_names, images = read_images(Path(self.hparams.predict_path))
+        unknown = torch.full((len(images),), -1, dtype=torch.long)
+        self.splits["predict"] = Split(images, unknown, unknown)
 
     def _data(self) -> Cifar100:
         """The archive, read on first use."""
@@ -168,8 +190,8 @@ class CIFAR100DataModule(LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """Test split batches, for ``predict``."""
-        return self._loader("test")
+        """Batches of the ``predict_path`` images, or of the test split without it."""
+        return self._loader("predict")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Flip (training only), normalise and resize the uint8 batch on its device."""
