@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,3 +64,9 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for tag in acc.Tags()["scalars"]:
             scalars[tag] += [(e.step, e.value) for e in acc.Scalars(tag)]
     return dict(scalars)
+
+
+def env_with_tests() -> dict[str, str]:
+    """The environment plus tests/ on PYTHONPATH, so the CLI can import test-only callbacks (``faults.*``)."""
+    tests = str(Path(__file__).resolve().parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}

@@ -1,18 +1,21 @@
-"""Callbacks that log what plain metrics do not: speed, per-class figures, hyper-parameters with results."""
+"""Callbacks: speed, per-class figures, hyper-parameters with results, and stopping safely on failures."""
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from cifar_resnet.errors import UserError
 from cifar_resnet.figures import (
     class_accuracy_figure,
     confusion_matrix_figure,
@@ -228,3 +231,32 @@ def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | i
         else:
             flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return flat
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN or infinite loss, before it reaches the weights.
+
+    The check runs before the backward pass, so the weights and the checkpoints written so far
+    stay those of the last good step, and the run can resume from ``last.ckpt``. It costs one
+    device-to-host sync per step.
+    """
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise UserError(
+                f"The training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
+                f"batch {trainer.fit_loop.epoch_loop.batch_idx}); training stopped before updating the weights. "
+                "The checkpoints written so far are kept: start again with a lower learning rate (or 32-true "
+                "precision), or resume from last.ckpt with `--ckpt_path last` if the cause was a passing fault."
+            )
+
+
+class StopChildProcessesOnError(Callback):
+    """When the process that launched the DDP ranks fails, kill the ranks it started.
+
+    Lightning already ends the job when a started rank dies; the other way round, the started
+    ranks would wait in a collective until its timeout (NCCL: 10 minutes and more), holding GPUs.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher):
+            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))

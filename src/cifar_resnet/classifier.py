@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar_resnet.checkpointing import rng_states, set_rng_states, state_dict_mismatch
+from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
 
 STAGES = ("train", "val", "test")
@@ -103,6 +105,23 @@ class ImageClassifier(LightningModule, ABC):
         probs, classes = self(images).float().softmax(dim=-1).topk(5, dim=-1)
         return {"classes": classes, "probs": probs}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the random generators' states, so a resumed run draws the same flips and dropout masks."""
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another network with a short message (not a page of key names)."""
+        details = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
+        if details:
+            kind = checkpoint.get("hyper_parameters", {}).get("_class_path", "another model")
+            path = getattr(self._trainer, "ckpt_path", None)
+            raise UserError(
+                f"The checkpoint{f' {path!r}' if path else ''} holds the weights of {kind}, which do not fit "
+                f"{type(self).__name__} ({details}). "
+                "Use the config the checkpoint was trained with (config.yaml in its run folder)."
+            )
+        set_rng_states(checkpoint.get("rng_states", {}))
+
     def configure_optimizers(self) -> Any:
         """The optimizer (and LR scheduler, stepped per epoch) given in the config."""
         optimizer = self.optimizer(self.parameters())
@@ -136,6 +155,8 @@ class ScratchResNet(ImageClassifier):
             channels_last: Keep weights and activations in NHWC layout (faster with tensor cores).
             compile: Compile the network with ``torch.compile`` (worth it on a GPU for long runs).
         """
+        if not 0 <= dropout < 1:
+            raise UserError(f"dropout must lie in [0, 1), got {dropout}.")
         self.dropout = dropout
         super().__init__(num_classes, optimizer, lr_scheduler, channels_last, compile)
 

@@ -5,10 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError, Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from cifar_resnet.callbacks import StopChildProcessesOnError
+from cifar_resnet.checkpointing import find_last_checkpoint, read_checkpoint
 from cifar_resnet.classifier import ImageClassifier
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.errors import UserError
@@ -48,8 +54,62 @@ def silence_known_warnings() -> None:
             logger.addFilter(_DropLitLoggerTip())
 
 
+# Loggers whose folders are <save_dir>/<name>/<version>/ and whose ``version`` may be a folder name.
+VERSIONED_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.CSVLogger")
+
+
 class CifarCLI(LightningCLI):
-    """LightningCLI whose ``test`` prints only the TestReport, not also Lightning's metric table."""
+    """LightningCLI that resumes a run in its own folder, reports bad input as one short error, and
+    whose ``test`` prints only the TestReport (not also Lightning's metric table)."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """A parser that raises on bad arguments (``main`` prints them) instead of printing a page of usage."""
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then check the checkpoint given to ``--ckpt_path`` before Lightning reads it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            self._resolve_checkpoint(subcommand, self.config[subcommand])
+
+    def _resolve_checkpoint(self, subcommand: str, config: Namespace) -> None:
+        """Turn ``last`` into the run's newest ``last.ckpt``, check the file, and continue its run's logs."""
+        if config.get("weights_only") is None:
+            config.weights_only = True
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc"):
+            return
+        experiment = _experiment_dir(config.trainer.get("logger"))
+        if ckpt_path == "last":
+            found = find_last_checkpoint(experiment) if experiment else None
+            if found is None:
+                if subcommand != "fit":
+                    raise UserError(f"`--ckpt_path last`: no {experiment or 'run'}/*/checkpoints/last.ckpt to {subcommand}.")
+                return  # as Lightning does: a first run with `--ckpt_path last` starts from scratch
+            config.ckpt_path = ckpt_path = str(found)
+        checkpoint = read_checkpoint(ckpt_path, weights_only=config.weights_only)
+        wanted = config.get("model", {}).get("class_path")
+        trained = checkpoint.get("hyper_parameters", {}).get("_class_path")
+        if wanted and trained and wanted != trained:
+            raise UserError(
+                f"The checkpoint '{ckpt_path}' holds a {trained.rsplit('.', 1)[-1]}, but the config asks for a "
+                f"{wanted.rsplit('.', 1)[-1]}. Use the config the checkpoint was trained with: config.yaml in its run "
+                "folder, or the recipe in configs/ for that model."
+            )
+        run_dir = Path(ckpt_path).resolve().parent.parent
+        if subcommand == "fit" and experiment and run_dir.parent == experiment.resolve():
+            # Resuming: write logs and checkpoints into the run's own folder, not in a new version_N+1.
+            config.trainer.logger.init_args.version = run_dir.name
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with Lightning's complaints about its settings turned into a short error."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:
+            raise UserError(f"Invalid trainer settings: {err}") from err
+
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """The subcommand's parser, with ``--verbose false`` as the default of ``test``."""
@@ -57,6 +117,15 @@ class CifarCLI(LightningCLI):
         if subcommand == "test":
             parser.set_defaults(verbose=False)
         return parser
+
+
+def _experiment_dir(logger: Any) -> Path | None:
+    """``<save_dir>/<name>`` of a TensorBoard or CSV logger config, else ``None``."""
+    if not isinstance(logger, Namespace) or logger.get("class_path") not in VERSIONED_LOGGERS:
+        return None
+    init_args = logger.get("init_args") or Namespace()
+    name = init_args.get("name", "lightning_logs")
+    return Path(init_args.get("save_dir") or ".") / (name or "")
 
 
 def run(args: ArgsType = None) -> LightningCLI:
@@ -68,6 +137,7 @@ def run(args: ArgsType = None) -> LightningCLI:
         subclass_mode_model=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [StopChildProcessesOnError()]},
         args=args,
     )
 
@@ -76,6 +146,23 @@ def main(args: ArgsType = None) -> None:
     """Entry point of ``cifar-resnet``: :func:`run`, with user mistakes reported as one clear paragraph."""
     try:
         run(args)
-    except UserError as err:
-        print(f"cifar-resnet: error: {err}", file=sys.stderr)
+    except ArgumentError as err:
+        print(f"cifar-resnet: error: {err}\nSee `cifar-resnet <subcommand> --help` for the options.", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"cifar-resnet: error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _find_user_error(err: BaseException | None) -> UserError | None:
+    """``err`` or the :class:`UserError` it was raised from (jsonargparse wraps errors of the classes it builds)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

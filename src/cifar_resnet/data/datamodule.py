@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cifar_resnet.data.archive import (
     Cifar100,
@@ -40,6 +42,30 @@ class TensorBatches(Dataset):
         index = torch.as_tensor(indices, device=self.labels.device)
         # index_select copies whole rows; advanced indexing (images[index]) is ~20x slower on CPU.
         return self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+class EpochShuffle(Sampler[int]):
+    """A new random order each epoch, fixed by ``(seed, epoch)``, so a resumed run sees the same batches.
+
+    Lightning calls :meth:`set_epoch` before every epoch (as for ``DistributedSampler``); under DDP it
+    wraps this sampler and gives each process its share of the same order.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -166,10 +192,14 @@ class CIFAR100DataModule(LightningDataModule):
         """A DataLoader that slices batches out of the in-memory split."""
         data = self.splits[split]
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        # The run's seed (seed_everything), as Lightning's DistributedSampler uses it.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return DataLoader(
             TensorBatches(data.images, data.labels),
             batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            shuffle=train,
+            sampler=EpochShuffle(len(data.labels), seed) if train else None,
+            # Its own generator keeps the loader from drawing on the global one, which a checkpoint restores.
+            generator=torch.Generator().manual_seed(seed),
             drop_last=False,
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,

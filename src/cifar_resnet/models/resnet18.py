@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
+from cifar_resnet.checkpointing import state_dict_mismatch
 from cifar_resnet.errors import UserError
 
 
@@ -73,16 +74,9 @@ def load_imagenet_weights(model: ResNet, weights: str | None = None, weights_pat
     else:
         return
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(expected) - set(backbone))
-    unexpected = sorted(set(backbone) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(backbone) if backbone[k].shape != expected[k])
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        )
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    details = state_dict_mismatch(expected, backbone)
+    if details:
         raise UserError(
             f"The weights in {source} are not a torchvision ResNet18 state dict ({details}). Use the file of "
             f"{ResNet18_Weights.IMAGENET1K_V1.url}."

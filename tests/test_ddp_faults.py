@@ -1,0 +1,55 @@
+"""A DDP job whose rank fails ends promptly with a non-zero exit code, leaving no process behind.
+
+Rank 0 is the process the user started; Lightning starts the other ranks as its children.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import CLI, CONFIGS, env_with_tests, tiny_args
+
+# Start-up of two CPU processes takes ~15 s on a loaded 2-core machine; a hang would take 30 minutes (gloo's timeout).
+LIMIT_S = 120
+
+
+def ddp_fit(cifar_dir: Path, tmp_path: Path, *faults: str) -> subprocess.CompletedProcess:
+    """A 2-process CPU DDP fit with fault-injecting callbacks (``subprocess.TimeoutExpired`` if it hangs)."""
+    args = [
+        "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
+        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true",
+        "--trainer.limit_train_batches", "4", *faults,
+    ]  # fmt: skip
+    return subprocess.run([str(CLI), *args], cwd=tmp_path, env=env_with_tests(), capture_output=True, text=True, timeout=LIMIT_S)
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` is alive (a zombie, killed but not yet reaped, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_rank_that_raises_mid_epoch_ends_the_job(cifar_dir: Path, tmp_path: Path) -> None:
+    proc = ddp_fit(cifar_dir, tmp_path, "--trainer.callbacks+=faults.RaiseOnRank", "--trainer.callbacks.rank", "1",
+                      "--trainer.callbacks.step", "2")  # fmt: skip
+    assert proc.returncode != 0
+    assert "injected fault on rank 1 at step 2" in proc.stderr
+    assert not list((tmp_path / "runs").rglob("*.ckpt")), "no checkpoint of a half-finished epoch"
+
+
+def test_a_failing_launcher_rank_kills_a_hung_rank(cifar_dir: Path, tmp_path: Path) -> None:
+    pid_file = tmp_path / "rank1.pid"
+    proc = ddp_fit(cifar_dir, tmp_path, "--trainer.callbacks+=faults.RaiseOnRank", "--trainer.callbacks.rank", "0",
+                      "--trainer.callbacks.step", "2", "--trainer.callbacks+=faults.HangOnRank",
+                      "--trainer.callbacks.pid_file", str(pid_file), "--trainer.callbacks.step", "2")  # fmt: skip
+    assert proc.returncode != 0 and "injected fault on rank 0 at step 2" in proc.stderr
+    rank1 = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while is_running(rank1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_running(rank1), "rank 1 was left running"

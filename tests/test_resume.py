@@ -1,0 +1,133 @@
+"""Exact resume after a kill, determinism, and the data order that both rely on."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_resnet.data.datamodule import EpochShuffle
+from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args
+
+# Timing scalars differ between any two runs; everything else must not.
+TIMING = ("train/epoch_time", "train/images_per_sec")
+
+
+def fit_args(cifar_dir: Path, save_dir: Path, *extra: str) -> list[str]:
+    """A 3-epoch deterministic scratch run whose LR drops after epoch 2 (the seed's drop at 30, scaled down)."""
+    return [
+        "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, save_dir),
+        "--trainer.max_epochs", "3", "--trainer.deterministic", "true",
+        "--model.init_args.lr_scheduler.init_args.milestones", "[2]", *extra,
+    ]  # fmt: skip
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Scalars by tag and step, the later value winning, as TensorBoard draws them.
+
+    A killed run may have logged the start of the epoch it died in (``train/lr``); the resumed
+    run logs that step again.
+    """
+    return {tag: dict(values) for tag, values in read_scalars(run_dir).items() if tag not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of a 3-epoch run that nothing interrupted."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(*fit_args(cifar_dir, tmp / "runs"), cwd=tmp)
+    return tmp / "runs" / "scratch" / "version_0"
+
+
+def test_killed_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    save_dir = tmp_path / "runs"
+    run_dir = save_dir / "scratch" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    # Slowed down (without touching the numbers) so the kill lands in the second epoch.
+    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "0.5"]
+    proc = subprocess.Popen([str(CLI), *fit_args(cifar_dir, save_dir, *slow)], cwd=tmp_path, env=env_with_tests(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert last.exists(), f"no last.ckpt appeared (exit code {proc.poll()})"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load(last)
+    assert killed_at["epoch"] == 0 and killed_at["global_step"] == 2, "the kill must land after the first epoch only"
+
+    proc = run_cli(*fit_args(cifar_dir, save_dir, "--ckpt_path", "last"), cwd=tmp_path)
+    assert f"Restoring states from the checkpoint path at {last}" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"], "the resumed run continues its folder"
+
+    resumed, reference = load(last), load(uninterrupted / "checkpoints" / "last.ckpt")
+    assert (resumed["epoch"], resumed["global_step"]) == (reference["epoch"], reference["global_step"]) == (2, 6)
+    # CPU, deterministic algorithms, the same data order and the same random draws: bit-for-bit equal.
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for mine, theirs in zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert resumed["lr_schedulers"] == reference["lr_schedulers"]
+
+    # The logs continue too, with the uninterrupted run's values and the LR drop after epoch 2. TensorBoard
+    # buffers events, so what the killed run logged last (epoch 0's train metrics, logged just after its
+    # checkpoint) may be lost with it; everything logged must match, and every step after the resume be there.
+    scalars, reference = metrics(run_dir), metrics(uninterrupted)
+    assert scalars.keys() == reference.keys()
+    for tag, values in reference.items():
+        assert scalars[tag] == {step: values[step] for step in scalars[tag]}, tag
+        assert {step for step in values if step > killed_at["global_step"]} <= scalars[tag].keys(), tag
+    assert list(reference["train/lr"].values()) == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_two_seeded_deterministic_runs_log_identical_metrics(cifar_dir: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    run_cli(*fit_args(cifar_dir, tmp_path / "runs"), cwd=tmp_path)
+    again = metrics(tmp_path / "runs" / "scratch" / "version_0")
+    assert {"train/loss_epoch", "train/top1", "val/loss", "val/top1", "val/top5"} <= again.keys()
+    assert again == metrics(uninterrupted)
+    run_ckpt = load(tmp_path / "runs" / "scratch" / "version_0" / "checkpoints" / "last.ckpt")["state_dict"]
+    ref_ckpt = load(uninterrupted / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(run_ckpt[k], v) for k, v in ref_ckpt.items())
+
+
+def test_resume_from_the_run_folder_alone(cifar_dir: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    """A run folder (config.yaml + checkpoints/), even moved elsewhere, is enough to train on."""
+    run_dir = tmp_path / "moved" / "scratch" / "version_0"
+    shutil.copytree(uninterrupted, run_dir)
+    run_cli("fit", "--config", str(run_dir / "config.yaml"), "--trainer.max_epochs", "4",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "moved"),
+            "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
+    checkpoint = load(run_dir / "checkpoints" / "last.ckpt")
+    assert checkpoint["epoch"] == 3 and checkpoint["global_step"] == 8
+    assert [lr for _, lr in read_scalars(run_dir)["train/lr"]] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_epoch_shuffle_is_a_fixed_function_of_seed_and_epoch() -> None:
+    sampler = EpochShuffle(50, seed=3)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert sorted(orders[0]) == list(range(50)) and len(sampler) == 50
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    torch.manual_seed(123)  # the global generator plays no part
+    sampler.set_epoch(1)
+    assert list(sampler) == orders[1]
+    assert list(EpochShuffle(50, seed=4)) != orders[0]
