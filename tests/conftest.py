@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,6 +52,11 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, expect_ok: bool = True)
     if (proc.returncode == 0) != expect_ok:
         pytest.fail(f"cifar-resnet {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def warning_lines(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are Python warnings (Lightning prints its own as ``file.py:N: message``)."""
+    return [line for line in stderr.splitlines() if re.search(r"\.py:\d+: |Warning:", line)]
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

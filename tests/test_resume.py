@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cifar_resnet.data.datamodule import EpochShuffle
-from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args
+from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args, warning_lines
 
 # Timing scalars differ between any two runs; everything else must not.
 TIMING = ("train/epoch_time", "train/images_per_sec")
@@ -110,9 +110,10 @@ def test_resume_from_the_run_folder_alone(cifar_dir: Path, uninterrupted: Path, 
     """A run folder (config.yaml + checkpoints/), even moved elsewhere, is enough to train on."""
     run_dir = tmp_path / "moved" / "scratch" / "version_0"
     shutil.copytree(uninterrupted, run_dir)
-    run_cli("fit", "--config", str(run_dir / "config.yaml"), "--trainer.max_epochs", "4",
-            "--trainer.logger.init_args.save_dir", str(tmp_path / "moved"),
-            "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+    proc = run_cli("fit", "--config", str(run_dir / "config.yaml"), "--trainer.max_epochs", "4",
+                   "--trainer.logger.init_args.save_dir", str(tmp_path / "moved"),
+                   "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt"), cwd=tmp_path)  # fmt: skip
+    assert not warning_lines(proc.stderr), proc.stderr  # writing into its own checkpoint folder is no mistake
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
     checkpoint = load(run_dir / "checkpoints" / "last.ckpt")
     assert checkpoint["epoch"] == 3 and checkpoint["global_step"] == 8

@@ -21,13 +21,10 @@ import pytest
 from PIL import Image
 
 from cifar_resnet.data.archive import load_cifar100
-from conftest import CONFIGS, read_scalars, run_cli, tiny_args
+from conftest import CONFIGS, read_scalars, run_cli, tiny_args, warning_lines
 
 CONFIG = str(CONFIGS / "scratch.yaml")
 # Lightning formats its warnings as "path/file.py:LINE: message"; Python's own carry a category.
-WARNING_LINE = re.compile(r"\.py:\d+: |Warning:")
-
-
 @dataclass
 class ReviewedRun:
     """A 2-epoch fit, then a test of its best checkpoint, in one runs folder."""
@@ -59,8 +56,7 @@ def test_fit_ends_with_the_best_score_and_checkpoint_and_no_warnings(reviewed: R
     assert score == pytest.approx(max(val_top1), abs=1e-4)
     assert "img/s=" in reviewed.fit.stdout, "the progress bar shows images per second"
     for proc in (reviewed.fit, reviewed.test):
-        warnings = [line for line in proc.stderr.splitlines() if WARNING_LINE.search(line)]
-        assert not warnings, warnings
+        assert not warning_lines(proc.stderr), warning_lines(proc.stderr)
         assert "litlogger" not in proc.stdout + proc.stderr
 
 

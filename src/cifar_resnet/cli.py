@@ -68,10 +68,14 @@ class CifarCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then check the checkpoint given to ``--ckpt_path`` before Lightning reads it."""
+        """Parse, let ``deterministic`` win over ``benchmark``, and check ``--ckpt_path`` before Lightning reads it."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
+            trainer = self.config[subcommand].trainer
+            if trainer.get("deterministic") and trainer.get("benchmark"):
+                # The recipes autotune cuDNN, which would make `deterministic: true` silently non-deterministic.
+                trainer.benchmark = False
             self._resolve_checkpoint(subcommand, self.config[subcommand])
 
     def _resolve_checkpoint(self, subcommand: str, config: Namespace) -> None:
@@ -102,6 +106,8 @@ class CifarCLI(LightningCLI):
         if subcommand == "fit" and experiment and run_dir.parent == experiment.resolve():
             # Resuming: write logs and checkpoints into the run's own folder, not in a new version_N+1.
             config.trainer.logger.init_args.version = run_dir.name
+            # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
+            warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with Lightning's complaints about its settings turned into a short error."""
@@ -109,7 +115,6 @@ class CifarCLI(LightningCLI):
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
             raise UserError(f"Invalid trainer settings: {err}") from err
-
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """The subcommand's parser, with ``--verbose false`` as the default of ``test``."""
