@@ -10,7 +10,8 @@ Figures:
 - data: ready-to-train batches/s and host CPU time per image of (a) the seed-style pipeline
   (torchvision CIFAR100 + PIL transforms + DataLoader workers), (b) ours as the host sees it
   (uint8 batches sliced from memory; flips, normalisation and resize are device work), and (c) ours
-  complete on the CPU (slicing + transforms on CPU), for both recipes.
+  complete on the CPU (slicing + transforms on CPU), single-threaded for CPU per image and with as
+  many threads as the seed-style pipeline has workers for images/s, for both recipes.
 - train: images/s of the train step (forward, backward, optimizer step, metrics) and of evaluation
   for both models, in fp32, bf16, bf16+channels_last and bf16+channels_last+compile; the time of
   the on-device transforms against the step; a short Lightning ``fit`` for per-step overhead; and
@@ -99,16 +100,20 @@ def seed_pipeline(data_dir: Path, size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=False)
 
 
-def best_of(repeats: int, *args) -> dict:
-    """The run of :func:`measure_batches` with the least CPU per image (other load only adds time)."""
-    return min((measure_batches(*args) for _ in range(repeats)), key=lambda r: r["host_cpu_us_per_image"])
+def best_of(repeats: int, *args, fastest: bool = False) -> dict:
+    """The run of :func:`measure_batches` with the least CPU per image (other load only adds time),
+    or with the most images/s when ``fastest``."""
+    runs = [measure_batches(*args) for _ in range(repeats)]
+    if fastest:
+        return max(runs, key=lambda r: r["images_per_s"])
+    return min(runs, key=lambda r: r["host_cpu_us_per_image"])
 
 
 def bench_data(data_dir: Path, workers: int, n_batches: int, seed_batches: int, repeats: int) -> dict:
     """All data-pipeline figures, both recipes, in one run on the same data.
 
     This process runs single-threaded, as each DataLoader worker of the seed-style pipeline does,
-    so CPU time per image compares like with like.
+    so CPU time per image compares like with like; images/s are compared on as many cores.
     """
     torch.set_num_threads(1)
     results = {}
@@ -117,17 +122,24 @@ def bench_data(data_dir: Path, workers: int, n_batches: int, seed_batches: int, 
         dm.setup("fit")
         transform = BatchTransform(dm.hparams.mean, dm.hparams.std, size, 0.2, 0.2)
         n = seed_batches if size != 32 else n_batches
+
+        def complete(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            transform(batch[0], train=True)
+            return batch[1]
+
         row = {
             "seed_style": best_of(repeats, lambda: seed_pipeline(data_dir, size, workers), lambda b: b[1], n),
             "ours_host": best_of(repeats, dm.train_dataloader, lambda b: b[1], n_batches),
-            "ours_complete_cpu": best_of(
-                repeats, dm.train_dataloader, lambda b: (transform(b[0], train=True), b[1])[1], n
-            ),
+            "ours_complete_cpu": best_of(repeats, dm.train_dataloader, complete, n),
         }
-        seed, host, complete = row["seed_style"], row["ours_host"], row["ours_complete_cpu"]
+        # The seed-style pipeline keeps `workers` cores busy; given as many threads, ours is as fast as:
+        torch.set_num_threads(workers)
+        row["ours_complete_cpu_same_cores"] = best_of(repeats, dm.train_dataloader, complete, n, fastest=True)
+        torch.set_num_threads(1)
+        seed, host = row["seed_style"], row["ours_host"]
         row["host_cost_ratio"] = seed["host_cpu_us_per_image"] / host["host_cpu_us_per_image"]
-        row["complete_cpu_ratio"] = complete["images_per_s"] / seed["images_per_s"]
-        row["complete_cpu_cost_ratio"] = seed["host_cpu_us_per_image"] / complete["host_cpu_us_per_image"]
+        row["complete_cpu_ratio"] = row["ours_complete_cpu_same_cores"]["images_per_s"] / seed["images_per_s"]
+        row["complete_cpu_cost_ratio"] = seed["host_cpu_us_per_image"] / row["ours_complete_cpu"]["host_cpu_us_per_image"]
         results[recipe] = row
         print_data_row(recipe, row, workers)
     return results
@@ -136,12 +148,12 @@ def bench_data(data_dir: Path, workers: int, n_batches: int, seed_batches: int, 
 def print_data_row(recipe: str, row: dict, workers: int) -> None:
     """One recipe's data-pipeline table."""
     print(f"\n[data] {recipe}: batches of {BATCH}, seed-style with {workers} workers")
-    print(f"  {'pipeline':<22}{'batches/s':>12}{'images/s':>12}{'host CPU µs/img':>18}")
-    for name in ("seed_style", "ours_host", "ours_complete_cpu"):
+    print(f"  {'pipeline':<30}{'batches/s':>12}{'images/s':>12}{'host CPU µs/img':>18}")
+    for name in ("seed_style", "ours_host", "ours_complete_cpu", "ours_complete_cpu_same_cores"):
         r = row[name]
-        print(f"  {name:<22}{r['batches_per_s']:>12.1f}{r['images_per_s']:>12.0f}{r['host_cpu_us_per_image']:>18.2f}")
+        print(f"  {name:<30}{r['batches_per_s']:>12.1f}{r['images_per_s']:>12.0f}{r['host_cpu_us_per_image']:>18.2f}")
     print(f"  host cost, seed / ours: {row['host_cost_ratio']:.0f}x lower")
-    print(f"  complete on CPU, ours / seed: {row['complete_cpu_ratio']:.1f}x the images/s, "
+    print(f"  complete on CPU, ours / seed: {row['complete_cpu_ratio']:.1f}x the images/s on {workers} cores, "
           f"{row['complete_cpu_cost_ratio']:.1f}x less CPU per image")  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from cifar_resnet.data import CIFAR100DataModule
-from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
+from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform, flip_by_mask, flip_chosen
 
 STD = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
 
@@ -34,6 +34,24 @@ def test_normalisation_matches_torchvision_exactly(batch: torch.Tensor) -> None:
 def test_flips_match_torchvision_exactly(batch: torch.Tensor, hflip: float, vflip: float) -> None:
     ours = BatchTransform(hflip_prob=hflip, vflip_prob=vflip)(batch, train=True)
     assert torch.equal(ours, reference(batch, T.RandomHorizontalFlip(hflip), T.RandomVerticalFlip(vflip)))
+
+
+def test_mixed_flips_give_each_image_one_of_its_four_orientations(batch: torch.Tensor) -> None:
+    images = batch.repeat(20, 1, 1, 1)  # 480 images: every kind of flip is drawn many times
+    torch.manual_seed(0)
+    out = BatchTransform(hflip_prob=0.5, vflip_prob=0.5)(images, train=True)
+    normalised = BatchTransform()(images)
+    kinds = torch.stack([
+        (out == normalised.flip(dims)).flatten(1).all(1) for dims in ((), (-1,), (-2,), (-2, -1))
+    ])  # fmt: skip
+    assert torch.equal(kinds.sum(0), torch.ones(len(images), dtype=torch.long))  # each image is exactly one
+    assert all(80 < count < 160 for count in kinds.sum(1).tolist())  # Binomial(480, 1/4): mean 120, sd 9.5
+
+
+def test_the_gpu_and_cpu_flip_paths_agree(batch: torch.Tensor) -> None:
+    hflip, vflip = torch.rand(2, len(batch), generator=torch.Generator().manual_seed(1)) < 0.5
+    assert hflip.any() and vflip.any() and (hflip & vflip).any() and not (hflip | vflip).all()
+    assert torch.equal(flip_by_mask(batch, hflip, vflip), flip_chosen(batch, hflip, vflip))
 
 
 def test_no_flips_outside_training(batch: torch.Tensor) -> None:

@@ -15,15 +15,30 @@ CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 def random_flips(images: Tensor, hflip_prob: float, vflip_prob: float) -> Tensor:
     """Flip each image of an ``(N, C, H, W)`` batch left-right and/or upside-down, independently."""
     n = images.shape[0]
-    for prob, dim in ((hflip_prob, -1), (vflip_prob, -2)):
-        if prob > 0:
-            chosen = torch.rand(n, device=images.device) < prob
-            if images.device.type == "cpu":  # flip only the chosen images: 3x faster on CPU
-                index = chosen.nonzero().squeeze(1)
-                images = images.index_copy(0, index, images.index_select(0, index).flip(dim))
-            else:  # no nonzero(): it would make the host wait for the device every batch
-                images = torch.where(chosen.view(n, 1, 1, 1), images.flip(dim), images)
-    return images
+    hflip = torch.rand(n, device=images.device) < hflip_prob
+    vflip = torch.rand(n, device=images.device) < vflip_prob
+    if images.device.type == "cpu":
+        return flip_chosen(images, hflip, vflip)
+    return flip_by_mask(images, hflip, vflip)
+
+
+def flip_by_mask(images: Tensor, hflip: Tensor, vflip: Tensor) -> Tensor:
+    """Flip the images where the boolean ``(N,)`` masks say so, without ``nonzero()``, which would
+    make the host wait for the device every batch (the GPU path)."""
+    shape = (images.shape[0], 1, 1, 1)
+    images = torch.where(hflip.view(shape), images.flip(-1), images)
+    return torch.where(vflip.view(shape), images.flip(-2), images)
+
+
+def flip_chosen(images: Tensor, hflip: Tensor, vflip: Tensor) -> Tensor:
+    """:func:`flip_by_mask`, touching only the chosen images, one group per kind of flip (the CPU
+    path: 2x faster there than flipping every image)."""
+    out = images.clone()
+    for chosen, dims in ((hflip & ~vflip, (-1,)), (vflip & ~hflip, (-2,)), (hflip & vflip, (-2, -1))):
+        index = chosen.nonzero().squeeze(1)
+        if index.numel():
+            out[index] = images.index_select(0, index).flip(dims)
+    return out
 
 
 class BatchTransform(nn.Module):
