@@ -1,9 +1,11 @@
-"""Test-only callbacks that inject faults; the CLI imports them by class path (``faults.RaiseOnRank``)."""
+"""Test-only callbacks that inject faults or watch a run; the CLI imports them by class path (``faults.RaiseOnRank``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +64,40 @@ class SlowDown(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         time.sleep(self.seconds)
+
+
+class CountHostReads(Callback):
+    """Writes to ``out`` (JSON) every read of a tensor's value by the host (``.item()``, ``float()``,
+    ``bool()``, ...) made during training steps ``first`` to ``last - 1``, with the code that made it.
+
+    On a GPU each such read makes the host wait until the device has caught up.
+    """
+
+    READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+    def __init__(self, out: str, first: int = 2, last: int = 12) -> None:
+        self.out, self.first, self.last = out, first, last
+        self.reads: list[str] = []
+        self._counting = False
+        self._originals = {name: getattr(torch.Tensor, name) for name in self.READS}
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, self._counted(name, original))
+
+    def _counted(self, name: str, original: Any) -> Any:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._counting:
+                caller = traceback.extract_stack(limit=2)[0]
+                self.reads.append(f"{name} at {caller.filename}:{caller.lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Counting stops at the start of the next step, so Lightning's end-of-step work is counted too.
+        self._counting = self.first <= batch_idx < self.last
+        if batch_idx == self.last:
+            Path(self.out).write_text(json.dumps(self.reads))
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)

@@ -28,7 +28,7 @@ from cifar_resnet.figures import (
 
 class SpeedMonitor(Callback):
     """Logs ``train/epoch_time`` (s) and ``train/images_per_sec`` (all devices together) each epoch,
-    and shows the running images/s of the epoch in the progress bar."""
+    and shows the running images/s of the epoch and the training loss in the progress bar."""
 
     def __init__(self) -> None:
         self._start = 0.0
@@ -41,10 +41,14 @@ class SpeedMonitor(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._images += len(batch[1])
+        # Showing a figure makes the host wait for the device, so the bar's figures change only every
+        # `log_every_n_steps` steps (and at the end of the epoch), not every step.
+        due = (batch_idx + 1) % trainer.log_every_n_steps == 0 or batch_idx + 1 == trainer.num_training_batches
         elapsed = time.perf_counter() - self._start
-        if trainer.progress_bar_callback is not None and elapsed > 0:
+        if trainer.progress_bar_callback is not None and due and elapsed > 0:
             rate = self._images * trainer.world_size / elapsed
             pl_module.log("img/s", float(round(rate)), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            pl_module.log("loss", outputs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if torch.cuda.is_available():
@@ -231,22 +235,68 @@ def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | i
         else:
             flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return flat
-class StopOnNonFiniteLoss(Callback):
-    """Stops training at the first NaN or infinite loss, before it reaches the weights.
 
-    The check runs before the backward pass, so the weights and the checkpoints written so far
-    stay those of the last good step, and the run can resume from ``last.ckpt``. It costs one
-    device-to-host sync per step.
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN or infinite loss; no checkpoint ever holds what it did.
+
+    Each step only notes on the device whether its loss was finite: reading it every step would
+    make the host wait for the device every step, which slows a GPU down. The note is read every
+    ``check_every_n_steps`` steps, before each validation and before any checkpoint is written, so
+    the checkpoints written so far stay those of good steps, and the run can resume from ``last.ckpt``.
     """
 
+    def __init__(self, check_every_n_steps: int = 50) -> None:
+        """
+        Args:
+            check_every_n_steps: How often to look at the losses (each look waits for the device).
+        """
+        if check_every_n_steps < 1:
+            raise UserError(f"check_every_n_steps must be positive, got {check_every_n_steps}.")
+        self.check_every_n_steps = check_every_n_steps
+        self._first_bad_step: Tensor | None = None  # -1 while every loss was finite
+        self._first_bad_loss: Tensor | None = None
+        self._positions: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch), since the last look
+
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise UserError(
-                f"The training loss became {loss.item()} at step {trainer.global_step} (epoch {trainer.current_epoch}, "
-                f"batch {trainer.fit_loop.epoch_loop.batch_idx}); training stopped before updating the weights. "
-                "The checkpoints written so far are kept: start again with a lower learning rate (or 32-true "
-                "precision), or resume from last.ckpt with `--ckpt_path last` if the cause was a passing fault."
-            )
+        step, loss = trainer.global_step, loss.detach().float()
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._first_bad_loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(first, step, self._first_bad_step)
+        self._first_bad_loss = torch.where(first, loss, self._first_bad_loss)
+        self._positions[step] = (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx)
+        if (step + 1) % self.check_every_n_steps == 0:
+            self.check()
+
+    def check(self) -> None:
+        """Raise if a loss since the start was not finite (waits for the device)."""
+        if self._first_bad_step is None:
+            return
+        step = int(self._first_bad_step)
+        if step < 0:
+            self._positions.clear()
+            return
+        epoch, batch = self._positions[step]
+        raise UserError(
+            f"The training loss became {float(self._first_bad_loss)} at step {step} (epoch {epoch}, batch {batch}); "
+            "training stopped, and the checkpoints written so far (all from before that step) are kept. Start "
+            "again with a lower learning rate (or 32-true precision), or resume from last.ckpt with "
+            "`--ckpt_path last` if the cause was a passing fault."
+        )
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.check()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check()
 
 
 class StopChildProcessesOnError(Callback):

@@ -83,7 +83,9 @@ class ImageClassifier(LightningModule, ABC):
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits, labels)
         training = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=True, sync_dist=not training, batch_size=len(labels))
+        # The training loss reaches the progress bar through SpeedMonitor, every so often: showing it
+        # every step would make the host wait for the device every step.
+        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=not training, sync_dist=not training, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
         return {"loss": loss, "logits": logits.detach()}
 
