@@ -55,7 +55,8 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, expect_ok: bool = True)
 
 
 def warning_lines(stderr: str) -> list[str]:
-    """The lines of ``stderr`` that are Python warnings (Lightning prints its own as ``file.py:N: message``)."""
+    """The lines of ``stderr`` that are warnings: Lightning prints its own as ``path/file.py:N: message``,
+    Python's carry a category (``UserWarning: ...``)."""
     return [line for line in stderr.splitlines() if re.search(r"\.py:\d+: |Warning:", line)]
 
 

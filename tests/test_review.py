@@ -24,7 +24,8 @@ from cifar_resnet.data.archive import load_cifar100
 from conftest import CONFIGS, read_scalars, run_cli, tiny_args, warning_lines
 
 CONFIG = str(CONFIGS / "scratch.yaml")
-# Lightning formats its warnings as "path/file.py:LINE: message"; Python's own carry a category.
+
+
 @dataclass
 class ReviewedRun:
     """A 2-epoch fit, then a test of its best checkpoint, in one runs folder."""
