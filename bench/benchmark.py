@@ -165,7 +165,7 @@ def build_module(recipe: str, channels_last: bool, compile: bool) -> torch.nn.Mo
         module = FineTunedResNet18(
             weights=None, optimizer=lambda p: torch.optim.SGD(p, lr=0.01), channels_last=channels_last, compile=compile
         )
-    module.configure_model()
+    module.prepare_network()
     return module
 
 

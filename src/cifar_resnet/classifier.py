@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -15,8 +15,12 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_resnet.checkpointing import rng_states, set_rng_states, state_dict_mismatch
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
+from cifar_resnet.schedules import WarmupDecayLR
 
 STAGES = ("train", "val", "test")
+
+
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class ImageClassifier(LightningModule, ABC):
@@ -27,22 +31,40 @@ class ImageClassifier(LightningModule, ABC):
         num_classes: int = 100,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        weight_decay_norm_and_bias: bool = True,
+        tta: bool = False,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
     ) -> None:
         """
         Args:
             num_classes: Number of output classes.
             optimizer: Optimizer class and arguments (``class_path``/``init_args`` in YAML).
-            lr_scheduler: Optional LR scheduler class and arguments, stepped once per epoch.
+            lr_scheduler: Optional LR scheduler class and arguments. torch's schedulers are stepped once
+                per epoch (e.g. ``MultiStepLR``); ``cifar_resnet.schedules.WarmupDecayLR`` once per
+                optimizer step, over the run's length as the Trainer computes it.
+            label_smoothing: Label smoothing of the training loss, in [0, 1) (validation and test report
+                the plain cross-entropy).
+            weight_decay_norm_and_bias: Apply the optimizer's ``weight_decay`` to normalisation weights and
+                biases too; false: only to convolution and linear weights.
+            tta: Also evaluate with test-time augmentation (the mean of the logits of each image and its
+                mirror image), logged apart as ``val/top1_tta``, ``test/top1_tta``, ...; ``predict`` uses it.
             channels_last: Keep weights and activations in NHWC layout (faster with tensor cores).
-            compile: Compile the network with ``torch.compile`` (worth it on a GPU for long runs).
+            compile: ``torch.compile`` the network: true (mode ``default``) or a mode (``reduce-overhead``,
+                ``max-autotune``, ``max-autotune-no-cudagraphs``). Shapes are static: training and
+                evaluation (and a last, smaller batch) each compile once.
         """
         super().__init__()
         self.save_hyperparameters()
+        if not 0 <= label_smoothing < 1:
+            raise UserError(f"label_smoothing must lie in [0, 1), got {label_smoothing}.")
+        if compile not in (False, True, *get_args(CompileMode)):
+            raise UserError(f"compile must be true, false or one of {', '.join(get_args(CompileMode))}; got {compile!r}.")
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.net = self.configure_network()
+        self.train_criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.criterion = nn.CrossEntropyLoss()
         metrics = MetricCollection(
             {
@@ -53,20 +75,32 @@ class ImageClassifier(LightningModule, ABC):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        if tta:
+            self.val_tta_metrics = metrics.clone(prefix="val/", postfix="_tta")
+            self.test_tta_metrics = metrics.clone(prefix="test/", postfix="_tta")
         self._fast_path_ready = False
 
     @abstractmethod
     def configure_network(self) -> nn.Module:
         """Build the network that maps normalised images to logits."""
 
-    def configure_model(self) -> None:
-        """Apply the opt-in speed-ups (channels_last, torch.compile) once."""
+    def setup(self, stage: str) -> None:
+        """Prepare the network for speed before any stage runs."""
+        self.prepare_network()
+
+    def prepare_network(self) -> None:
+        """Apply the opt-in speed-ups (channels_last, torch.compile) once.
+
+        Done in ``setup`` rather than ``configure_model``: weight-averaging callbacks copy the module
+        before ``setup``, and their copy is only ever used for its weights, so it stays uncompiled.
+        """
         if self._fast_path_ready:
             return
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.hparams.compile:
-            self.net.compile()
+            mode = "default" if self.hparams.compile is True else self.hparams.compile
+            self.net.compile(mode=mode, dynamic=False)
         self._fast_path_ready = True
 
     def forward(self, images: Tensor) -> Tensor:
@@ -75,18 +109,28 @@ class ImageClassifier(LightningModule, ABC):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
+    def tta_logits(self, images: Tensor, logits: Tensor | None = None) -> Tensor:
+        """Test-time augmentation: the mean of the logits of ``images`` and of their mirror images."""
+        if logits is None:
+            logits = self(images)
+        return (logits.float() + self(images.flip(-1)).float()) / 2
+
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         """Loss and metrics of one batch, logged under ``stage/``; returns the loss and the logits."""
         images, labels = batch
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        training = stage == "train"
+        loss = (self.train_criterion if training else self.criterion)(logits, labels)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits, labels)
-        training = stage == "train"
         # The training loss reaches the progress bar through SpeedMonitor, every so often: showing it
         # every step would make the host wait for the device every step.
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=not training, sync_dist=not training, batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        if not training and self.hparams.tta:
+            tta_metrics = getattr(self, f"{stage}_tta_metrics")
+            tta_metrics.update(self.tta_logits(images, logits), labels)
+            self.log_dict(tta_metrics, on_step=False, on_epoch=True)
         return {"loss": loss, "logits": logits.detach()}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -102,9 +146,10 @@ class ImageClassifier(LightningModule, ABC):
         return self._step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Top-5 class indices and probabilities of each image."""
+        """Top-5 class indices and probabilities of each image (with test-time augmentation if ``tta``)."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        probs, classes = self(images).float().softmax(dim=-1).topk(5, dim=-1)
+        logits = self.tta_logits(images) if self.hparams.tta else self(images)
+        probs, classes = logits.float().softmax(dim=-1).topk(5, dim=-1)
         return {"classes": classes, "probs": probs}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -125,42 +170,55 @@ class ImageClassifier(LightningModule, ABC):
         set_rng_states(checkpoint.get("rng_states", {}))
 
     def configure_optimizers(self) -> Any:
-        """The optimizer (and LR scheduler, stepped per epoch) given in the config."""
-        optimizer = self.optimizer(self.parameters())
+        """The optimizer and LR scheduler given in the config (see ``lr_scheduler`` for when it steps)."""
+        optimizer = self.optimizer(parameter_groups(self, self.hparams.weight_decay_norm_and_bias))
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
+        per_step = isinstance(scheduler, WarmupDecayLR)
+        if per_step:
+            scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "name": "train/lr", "monitor": "val/loss"},
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": "step" if per_step else "epoch",
+                "name": "train/lr",
+                "monitor": "val/loss",
+            },
         }
+
+
+def parameter_groups(module: nn.Module, decay_norm_and_bias: bool = True) -> list[dict[str, Any]]:
+    """The parameters of ``module`` as optimizer groups.
+
+    With ``decay_norm_and_bias`` false, normalisation weights and biases (every parameter of fewer
+    than two dimensions) go into a group with ``weight_decay`` 0, so decay only pulls on convolution
+    and linear weights. The groups are named, so ``LearningRateMonitor`` logs ``train/lr/decay``.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        return [{"params": params}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "name": "decay"},
+        {"params": [p for p in params if p.ndim < 2], "name": "no_decay", "weight_decay": 0.0},
+    ]
 
 
 class ScratchResNet(ImageClassifier):
     """The seed's ResNet for 32x32 images, trained from scratch."""
 
-    def __init__(
-        self,
-        num_classes: int = 100,
-        dropout: float = 0.3,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-    ) -> None:
+    def __init__(self, dropout: float = 0.3, optimizer: OptimizerCallable = torch.optim.Adam, **kwargs: Any) -> None:
         """
         Args:
-            num_classes: Number of output classes.
             dropout: Dropout probability after the stem.
             optimizer: Optimizer class and arguments (``class_path``/``init_args`` in YAML).
-            lr_scheduler: Optional LR scheduler class and arguments, stepped once per epoch.
-            channels_last: Keep weights and activations in NHWC layout (faster with tensor cores).
-            compile: Compile the network with ``torch.compile`` (worth it on a GPU for long runs).
+            kwargs: The settings of :class:`ImageClassifier`.
         """
         if not 0 <= dropout < 1:
             raise UserError(f"dropout must lie in [0, 1), got {dropout}.")
         self.dropout = dropout
-        super().__init__(num_classes, optimizer, lr_scheduler, channels_last, compile)
+        super().__init__(optimizer=optimizer, **kwargs)
 
     def configure_network(self) -> nn.Module:
         """The seed ResNet."""
@@ -172,31 +230,27 @@ class FineTunedResNet18(ImageClassifier):
 
     def __init__(
         self,
-        num_classes: int = 100,
         weights: str | None = "IMAGENET1K_V1",
         weights_path: str | None = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
-            num_classes: Number of output classes.
             weights: torchvision weights name (downloaded once to torch's cache), or null for random init.
             weights_path: Local ``.pth`` state dict in torchvision's format; used instead of ``weights``.
             optimizer: Optimizer class and arguments (``class_path``/``init_args`` in YAML).
-            lr_scheduler: Optional LR scheduler class and arguments, stepped once per epoch.
-            channels_last: Keep weights and activations in NHWC layout (faster with tensor cores).
-            compile: Compile the network with ``torch.compile`` (worth it on a GPU for long runs).
+            kwargs: The settings of :class:`ImageClassifier`.
         """
-        super().__init__(num_classes, optimizer, lr_scheduler, channels_last, compile)
+        super().__init__(optimizer=optimizer, **kwargs)
 
     def configure_network(self) -> nn.Module:
         """ResNet18 with a ``num_classes``-way head (ImageNet weights come in :meth:`setup`)."""
         return resnet18_for_cifar(self.hparams.num_classes)
 
     def setup(self, stage: str) -> None:
-        """Load the ImageNet weights when a fit starts from scratch; a checkpoint replaces them otherwise."""
+        """Load the ImageNet weights when a fit starts from scratch (a checkpoint replaces them otherwise),
+        before the network is prepared for speed."""
         if stage == "fit" and self.trainer.ckpt_path is None:
             load_imagenet_weights(self.net, self.hparams.weights, self.hparams.weights_path)
+        super().setup(stage)

@@ -34,6 +34,8 @@ IGNORED_WARNINGS = (
     r".*Precision .* is not supported by the model summary",
     # `test`/`validate` log into a new version folder, so the checkpoint's folder always differs.
     r".*The dirpath has changed from",
+    # `test`/`validate`/`predict` with a recipe that averages weights: the checkpoint's weights already are the average.
+    r".*You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage",
 )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cifar_resnet.data.archive import (
     Cifar100,
@@ -20,32 +20,51 @@ from cifar_resnet.data.archive import (
     load_cifar100,
     missing_data_message,
 )
+from cifar_resnet.data.order import epoch_order
 from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
 from cifar_resnet.errors import UserError
 from cifar_resnet.predict import read_images
 
 
 class TensorBatches(Dataset):
-    """Images and labels held as tensors; a batch is one slice (``__getitems__``), not N lookups."""
+    """Images and labels held as tensors; a batch is one slice (``__getitems__``), not N lookups.
 
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
+    With a :class:`DeviceShuffle` sampler, the indices a batch receives are positions in that
+    sampler's on-device order, turned into rows on the device.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, order: DeviceShuffle | None = None) -> None:
         self.images = images
         self.labels = labels
+        self.order = order
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
+        return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
-        index = torch.as_tensor(indices, device=self.labels.device)
+        index = _index_tensor(indices, self.labels.device)
+        if self.order is not None:  # positions in the epoch's order; those past the end pad a DDP shard
+            index = self.order.rows().index_select(0, index.remainder(len(self.labels)))
         # index_select copies whole rows; advanced indexing (images[index]) is ~20x slower on CPU.
         return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
+def _index_tensor(indices: list[int], device: torch.device) -> Tensor:
+    """``indices`` as a tensor on ``device``; an evenly spaced run (a batch of positions, also a DDP
+    rank's strided share of them) is made there by ``arange``, without a copy from the host."""
+    if len(indices) > 1:
+        start, step = indices[0], indices[1] - indices[0]
+        if step > 0 and indices == list(range(start, start + step * len(indices), step)):
+            return torch.arange(start, start + step * len(indices), step, device=device)
+    return torch.as_tensor(indices).to(device, non_blocking=True)
+
+
 class EpochShuffle(Sampler[int]):
-    """A new random order each epoch, fixed by ``(seed, epoch)``, so a resumed run sees the same batches.
+    """A new random order each epoch, fixed by ``(seed, epoch)`` (:func:`epoch_order`), so a resumed run
+    sees the same batches.
 
     Lightning calls :meth:`set_epoch` before every epoch (as for ``DistributedSampler``); under DDP it
     wraps this sampler and gives each process its share of the same order.
@@ -61,11 +80,36 @@ class EpochShuffle(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(epoch_order(self.size, self.seed, self.epoch).tolist())
 
     def __len__(self) -> int:
         return self.size
+
+
+class DeviceShuffle(DistributedSampler):
+    """This process's share of an epoch's order that is computed and kept on the device holding the data.
+
+    The order is :func:`epoch_order` of ``(seed, epoch)``, as for :class:`EpochShuffle`, so both give the
+    same batches. This sampler hands out positions in that order, ``rank, rank + W, ...`` for rank
+    ``rank`` of ``W`` processes (padded as ``DistributedSampler`` pads), which :class:`TensorBatches`
+    turns into rows on the device: no index list crosses from the host, whose copy would make the host
+    wait for the device each batch. Being a ``DistributedSampler``, Lightning does not wrap it again.
+    """
+
+    def __init__(self, size: int, seed: int, device: torch.device, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
+        self.size = size
+        self.device = device
+        self._rows: tuple[int, Tensor] | None = None
+
+    def rows(self) -> Tensor:
+        """This epoch's order, on the device (computed once per epoch)."""
+        if self._rows is None or self._rows[0] != self.epoch:
+            self._rows = (self.epoch, epoch_order(self.size, self.seed, self.epoch, self.device))
+        return self._rows[1]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -86,11 +130,13 @@ class CIFAR100DataModule(LightningDataModule):
         split_seed: int = 0,
         hflip_prob: float = 0.2,
         vflip_prob: float = 0.2,
+        crop_padding: int = 0,
         mean: tuple[float, float, float] = CIFAR100_MEAN,
         std: tuple[float, float, float] = CIFAR100_STD,
         output_size: int = 32,
         num_workers: int = 0,
         data_on_device: bool = False,
+        drop_last: bool = False,
         predict_path: str | None = None,
         predict_output: str | None = None,
     ) -> None:
@@ -105,13 +151,18 @@ class CIFAR100DataModule(LightningDataModule):
             split_seed: Seed of the train/validation split; fixed so runs are comparable.
             hflip_prob: Probability of a horizontal flip per training image.
             vflip_prob: Probability of a vertical flip per training image.
+            crop_padding: Random translation of each training image by up to this many pixels, with
+                mirrored borders (torchvision's ``RandomCrop(32, crop_padding, padding_mode="reflect")``);
+                0: none. Done on the device, a different offset per image.
             mean: Per-channel mean for normalisation (train and test).
             std: Per-channel standard deviation for normalisation (train and test).
             output_size: Side of the images the model sees: 32, or 224 for ImageNet fine-tuning.
             num_workers: DataLoader worker processes; 0 is right, since a batch is one slice in memory.
             data_on_device: Keep the uint8 splits in accelerator memory (about 180 MB), so batches are
                 sliced there and nothing crosses the host link while training. Each DDP process holds
-                its own copy and still reads only its shard.
+                its own copy and still reads only its shard. The epoch's order is then drawn on the device too.
+            drop_last: Drop the last, smaller training batch of each epoch (a different set of images each
+                epoch). With ``compile``, every batch then has one shape, so nothing is compiled twice.
             predict_path: An image file or a folder of images (PNG, JPEG) for ``predict``; each is centre-cropped
                 to a square and resized to 32x32 like CIFAR, then transformed like the test images. Without
                 it, ``predict`` runs on the test split.
@@ -123,12 +174,14 @@ class CIFAR100DataModule(LightningDataModule):
             raise UserError(f"Flip probabilities must lie in [0, 1], got hflip_prob={hflip_prob}, vflip_prob={vflip_prob}.")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or output_size < 1:
             raise UserError("batch_size, eval_batch_size and output_size must be positive integers.")
+        if crop_padding < 0 or crop_padding >= 32:
+            raise UserError(f"crop_padding must lie in [0, 31] (pixels of a 32x32 image), got {crop_padding}.")
         if val_size < 0:
             raise UserError(f"val_size must be 0 or more, got {val_size}.")
         if data_on_device and num_workers:
             raise UserError("data_on_device: true needs num_workers: 0 (worker processes cannot slice GPU tensors).")
         self.data_dir = Path(data_dir)
-        self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob)
+        self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob, crop_padding)
         self.dataset: Cifar100 | None = None
         self.splits: dict[str, Split] = {}
         self.predict_names: list[str] = []
@@ -194,13 +247,19 @@ class CIFAR100DataModule(LightningDataModule):
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         # The run's seed (seed_everything), as Lightning's DistributedSampler uses it.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = None
+        if train and self.hparams.data_on_device:
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+            sampler = DeviceShuffle(len(data.labels), seed, data.images.device, world, rank)
+        elif train:
+            sampler = EpochShuffle(len(data.labels), seed)
         return DataLoader(
-            TensorBatches(data.images, data.labels),
+            TensorBatches(data.images, data.labels, sampler if isinstance(sampler, DeviceShuffle) else None),
             batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            sampler=EpochShuffle(len(data.labels), seed) if train else None,
+            sampler=sampler,
             # Its own generator keeps the loader from drawing on the global one, which a checkpoint restores.
             generator=torch.Generator().manual_seed(seed),
-            drop_last=False,
+            drop_last=train and self.hparams.drop_last,
             collate_fn=keep_batch,
             num_workers=self.hparams.num_workers,
             pin_memory=on_gpu and data.images.device.type == "cpu",

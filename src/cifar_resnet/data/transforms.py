@@ -41,10 +41,43 @@ def flip_chosen(images: Tensor, hflip: Tensor, vflip: Tensor) -> Tensor:
     return out
 
 
-class BatchTransform(nn.Module):
-    """uint8 ``(N, 3, 32, 32)`` -> normalised float ``(N, 3, S, S)``; random flips only in training.
+def reflect_index(size: int, padding: int, offsets: Tensor) -> Tensor:
+    """Source rows (or columns) of ``size``-long windows starting at ``offsets`` in a reflect-padded axis.
 
-    Matches torchvision's ``RandomHorizontalFlip``/``RandomVerticalFlip`` -> ``ToTensor`` ->
+    Row ``k`` of the axis padded by ``padding`` on each side is row ``k - padding`` of the original,
+    mirrored at the edges without repeating them (``padding_mode="reflect"``): -1 -> 1, size -> size - 2.
+    Returns an ``(N, size)`` index tensor.
+    """
+    k = offsets.view(-1, 1) + torch.arange(size, device=offsets.device) - padding
+    k = k.abs()
+    return torch.where(k >= size, 2 * (size - 1) - k, k)
+
+
+def random_crops(images: Tensor, padding: int, offsets: Tensor | None = None) -> Tensor:
+    """Crop each image of an ``(N, C, H, W)`` batch at its own random offset from its reflect-padded copy.
+
+    The same as torchvision's ``RandomCrop((H, W), padding, padding_mode="reflect")`` on each image,
+    i.e. a random translation by up to ``padding`` pixels with mirrored borders, done as one gather for
+    the whole batch on its device. ``offsets`` (``(N, 2)``: top, left in ``[0, 2 * padding]``) are drawn
+    when not given.
+    """
+    if padding == 0:
+        return images
+    n, c, h, w = images.shape
+    if offsets is None:
+        offsets = torch.randint(0, 2 * padding + 1, (n, 2), device=images.device)
+    rows = reflect_index(h, padding, offsets[:, 0])  # (N, H)
+    cols = reflect_index(w, padding, offsets[:, 1])  # (N, W)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=images.device).view(1, c, 1, 1)
+    return images[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+class BatchTransform(nn.Module):
+    """uint8 ``(N, 3, 32, 32)`` -> normalised float ``(N, 3, S, S)``; random crops and flips only in training.
+
+    Matches torchvision's ``RandomCrop(32, crop_padding, padding_mode="reflect")`` ->
+    ``RandomHorizontalFlip``/``RandomVerticalFlip`` -> ``ToTensor`` ->
     ``Normalize`` -> ``Resize(S)`` on each image, but runs once per batch on the batch's device.
     Normalising before resizing gives the same result because bilinear resizing is affine.
     """
@@ -56,6 +89,7 @@ class BatchTransform(nn.Module):
         output_size: int = 32,
         hflip_prob: float = 0.0,
         vflip_prob: float = 0.0,
+        crop_padding: int = 0,
     ) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -63,10 +97,12 @@ class BatchTransform(nn.Module):
         self.output_size = output_size
         self.hflip_prob = hflip_prob
         self.vflip_prob = vflip_prob
+        self.crop_padding = crop_padding
 
     def forward(self, images: Tensor, train: bool = False) -> Tensor:
-        """Transform one batch; ``train`` turns the random flips on."""
+        """Transform one batch; ``train`` turns the random crops and flips on."""
         if train:
+            images = random_crops(images, self.crop_padding)
             images = random_flips(images, self.hflip_prob, self.vflip_prob)
         x = images.to(torch.float32, copy=True).div_(255).sub_(self.mean).div_(self.std)
         if x.shape[-1] != self.output_size or x.shape[-2] != self.output_size:
