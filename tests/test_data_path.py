@@ -46,7 +46,8 @@ def test_each_ddp_rank_reads_its_own_shard(cifar_dir: Path) -> None:
 def test_data_on_device_keeps_the_splits_on_the_trainers_device(cifar_dir: Path) -> None:
     # No GPU here: the "meta" device stands in for one (tensors there have shapes, no storage).
     dm = CIFAR100DataModule(data_dir=str(cifar_dir), val_size=100, batch_size=50, data_on_device=True)
-    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), training=True)
+    meta = SimpleNamespace(root_device=torch.device("meta"))
+    dm.trainer = SimpleNamespace(strategy=meta, training=True, world_size=1, global_rank=0)
     dm.setup("fit")
     assert {split.images.device.type for split in dm.splits.values()} == {"meta"}
     loader = dm.train_dataloader()
