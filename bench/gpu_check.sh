@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# What to run the first time a GPU is at hand: every speed figure of the project in one short run
+# (under 8 minutes on one H100/H200), offline. Usage, from anywhere:
+#
+#   bash bench/gpu_check.sh [OUT_DIR]        # default bench/out/gpu_check
+#
+# In order of importance, each section within its share of the time budget:
+#   1. reproduce.py --synthetic --seeds 1: the real wall time of every recipe (fast ones first);
+#      a recipe still running at its budget is stopped, with its pace and projected time kept;
+#   2. benchmark.py --sections train: train/eval images/s of both networks in fp32, bf16,
+#      bf16 + channels_last, + compile;
+#   3. probes.py: Lightning fit against a bare PyTorch loop on the same steps, GPU busy fraction,
+#      and every host-device synchronisation in training steps with where it comes from.
+# OUT_DIR then holds only summary.md, summary.json, reproduce.png and gpu_check.log.
+#
+# Nothing is fetched from the network. Missing Python packages are installed from wheelhouse/ at the
+# repository root if it exists (pip --no-index); otherwise the script names them and stops.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 465), GPU_CHECK_WORK (scratch
+# folder, default a new temporary one), GPU_CHECK_SMOKE=1 (tiny sizes on any device, CPU included:
+# the same code path in a minute or two, to check the script itself).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+SMOKE="${GPU_CHECK_SMOKE:-0}"
+OUT_DIR="${1:-${GPU_CHECK_OUT:-$ROOT/bench/out/gpu_check}}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-465}"
+[[ "$SMOKE" == 1 ]] && BUDGET_S="${GPU_CHECK_BUDGET_S:-1200}" # a loaded CPU is slow even at tiny sizes
+START=$SECONDS
+
+fail() { echo "gpu_check: $*" >&2; exit "${EXIT:-1}"; }
+
+command -v "$PY" >/dev/null 2>&1 || EXIT=3 fail "no '$PY' on PATH: set PYTHON to the Python that has PyTorch."
+
+# Python modules the program needs -> what pip installs for them.
+declare -A WHEEL=([torch]=torch [torchvision]=torchvision [lightning]=lightning [jsonargparse]="jsonargparse[signatures]"
+  [docstring_parser]="jsonargparse[signatures]" [typeshed_client]="jsonargparse[signatures]" [torchmetrics]=torchmetrics
+  [tensorboard]=tensorboard [matplotlib]=matplotlib [PIL]=pillow [numpy]=numpy [yaml]=pyyaml)
+missing_modules() {
+  "$PY" - "${!WHEEL[@]}" <<'EOF' 2>/dev/null
+import importlib.util, sys
+print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+EOF
+}
+MISSING="$(missing_modules)"
+
+# No GPU: say so and start nothing (checked before anything is installed or written).
+if [[ " $MISSING " != *" torch "* && "$SMOKE" != 1 ]]; then
+  "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 ||
+    EXIT=2 fail "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False): nothing was run."
+fi
+
+if [[ -n "$MISSING" && -d "$ROOT/wheelhouse" ]]; then
+  PACKAGES="$(for m in $MISSING; do echo "${WHEEL[$m]}"; done | sort -u | tr '\n' ' ')"
+  # shellcheck disable=SC2086
+  "$PY" -m pip install --quiet --no-index --find-links "$ROOT/wheelhouse" $PACKAGES >/dev/null 2>&1
+  MISSING="$(missing_modules)"
+fi
+if [[ -n "$MISSING" ]]; then
+  EXIT=3 fail "missing Python modules: $MISSING (no network: put their wheels in $ROOT/wheelhouse/ and run again)."
+fi
+if [[ "$SMOKE" != 1 ]]; then
+  "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 ||
+    EXIT=2 fail "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False): nothing was run."
+fi
+
+mkdir -p "$OUT_DIR" || EXIT=3 fail "cannot create $OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d -t gpu_check.XXXXXX)}"
+mkdir -p "$WORK"
+LOG="$OUT_DIR/gpu_check.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+cd "$ROOT" || exit 1
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SECTIONS="$WORK/sections.tsv"
+: >"$SECTIONS"
+
+left() { echo $((BUDGET_S - (SECONDS - START))); }
+# section NAME SECONDS_CAP command...: run it under a hard time limit, note its exit code and duration.
+section() {
+  local name="$1" cap="$2" began=$SECONDS rc
+  shift 2
+  echo
+  echo "=== [$(((SECONDS - START) / 60))m$(((SECONDS - START) % 60))s] $name (at most ${cap}s; $(left)s of the budget left)"
+  if ((cap < 5)); then
+    echo "skipped: out of time"
+    printf '%s\t%s\t%s\n' "$name" skipped 0 >>"$SECTIONS"
+    return
+  fi
+  timeout --signal=INT --kill-after=30 "$cap" "$@"
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - began)) >>"$SECTIONS"
+  echo "=== $name: exit $rc after $((SECONDS - began))s"
+}
+
+echo "gpu_check: $(date -u +%FT%TZ), commit $(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown), out $OUT_DIR, work $WORK"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
+"$PY" -c "import sys, torch, lightning; print('python', sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available())"
+
+DATA="$WORK/reproduce/data"
+if [[ "$SMOKE" == 1 ]]; then
+  SIZE=5400,100 # the benchmark's Lightning fit holds out 5,000 validation images
+  SHRINK=(--data.val_size=100 --data.batch_size=20 --data.eval_batch_size=50 --data.output_size=32 --trainer.max_epochs=2
+    --trainer.limit_train_batches=2 --trainer.limit_val_batches=2 --trainer.limit_test_batches=2)
+  REPRODUCE_EXTRA=(--accelerator cpu "--extra=${SHRINK[*]}")
+  BENCH=(--device cpu --steps 2 --warmup 1 --fit-batches 6 --skip-compile)
+  PROBE=(--device cpu --warmup 2 --steps 3 --profile-steps 2 --sync-steps 2)
+  PROBE_SIZE=(--data.val_size=100 --data.batch_size=20)
+  RESERVE=600
+  CAPS=(300 240 240)
+else
+  SIZE=50000,10000
+  REPRODUCE_EXTRA=()
+  BENCH=(--steps 30 --warmup 5 --fit-batches 80)
+  PROBE=()
+  PROBE_SIZE=()
+  RESERVE=150 # seconds kept for sections 2 and 3 and the summary
+  CAPS=(100 60 90) # at most, seconds: throughput, probes-scratch, probes-fast
+fi
+
+# 1. Real wall time of each recipe: the fast recipes first, then the seed's, then any others.
+CONFIGS=()
+for name in fast finetune_fast finetune scratch; do
+  [[ -f "configs/$name.yaml" ]] && CONFIGS+=("configs/$name.yaml")
+done
+for config in configs/*.yaml; do
+  [[ " ${CONFIGS[*]} " == *" $config "* ]] || CONFIGS+=("$config")
+done
+MINUTES="$("$PY" -c "print(max(0.0, ($(left) - $RESERVE) / 60))")"
+section reproduce $(($(left) - RESERVE + 60)) "$PY" bench/reproduce.py "${CONFIGS[@]}" --synthetic --synthetic-size "$SIZE" \
+  --seeds 1 --max-minutes "$MINUTES" --work-dir "$WORK/reproduce" --out "$WORK/reproduce" "${REPRODUCE_EXTRA[@]}"
+
+# 2. Throughput of the bare train step, both networks, every precision/layout variant.
+CAP=$(($(left) - 70))
+((CAP > CAPS[0])) && CAP=${CAPS[0]}
+section throughput "$CAP" "$PY" bench/benchmark.py --sections train --data-dir "$DATA" --out "$WORK/benchmark.json" "${BENCH[@]}"
+
+# 3. Framework cost, GPU busy, host waits: the seed's net with the speed switches, then the fast recipe's own settings.
+CAP=$(($(left) - 15))
+((CAP > CAPS[1])) && CAP=${CAPS[1]}
+section probes-scratch "$CAP" "$PY" bench/probes.py --config configs/scratch.yaml --data-dir "$DATA" --out "$WORK/probes-scratch.json" \
+  "${PROBE[@]}" -- --model.init_args.channels_last=true --data.data_on_device=true "${PROBE_SIZE[@]}"
+if [[ -f configs/fast.yaml ]]; then
+  CAP=$(($(left) - 15))
+  ((CAP > CAPS[2])) && CAP=${CAPS[2]}
+  section probes-fast "$CAP" "$PY" bench/probes.py --config configs/fast.yaml --data-dir "$DATA" --out "$WORK/probes-fast.json" \
+    "${PROBE[@]}" -- "${PROBE_SIZE[@]}"
+fi
+
+echo
+SMOKE_FLAG=()
+[[ "$SMOKE" == 1 ]] && SMOKE_FLAG=(--smoke)
+"$PY" bench/gpu_summary.py "$WORK" "$OUT_DIR" --seconds $((SECONDS - START)) "${SMOKE_FLAG[@]}"
+echo "gpu_check: done in $((SECONDS - START))s; results in $OUT_DIR (summary.md, summary.json, reproduce.png, gpu_check.log)"
