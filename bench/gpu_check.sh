@@ -5,8 +5,9 @@
 #   bash bench/gpu_check.sh [OUT_DIR]        # default bench/out/gpu_check
 #
 # In order of importance, each section within its share of the time budget:
-#   1. reproduce.py --synthetic --seeds 1: the real wall time of every recipe (fast ones first);
-#      a recipe still running at its budget is stopped, with its pace and projected time kept;
+#   1. reproduce.py --synthetic --seeds 1: the real wall time of every recipe: the seed's two
+#      (each fit stopped after 45 s, its pace and projected time kept), then the modern ones in full
+#      (a run still going at the budget is stopped the same way);
 #   2. benchmark.py --sections train: train/eval images/s of both networks in fp32, bf16,
 #      bf16 + channels_last, + compile;
 #   3. probes.py: Lightning fit against a bare PyTorch loop on the same steps, GPU busy fraction,
@@ -16,8 +17,10 @@
 # Nothing is fetched from the network. Missing Python packages are installed from wheelhouse/ at the
 # repository root if it exists (pip --no-index); otherwise the script names them and stops.
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 465), GPU_CHECK_WORK (scratch
-# folder, default a new temporary one), GPU_CHECK_SMOKE=1 (tiny sizes on any device, CPU included:
-# the same code path in a minute or two, to check the script itself).
+# folder, default a new temporary one), GPU_CHECK_SEED_EXTRA (arguments added to the seed recipes'
+# runs, e.g. "--model.init_args.channels_last=true --data.data_on_device=true"; default none: the
+# configs as they are), GPU_CHECK_SMOKE=1 (tiny sizes on any device, CPU included: the same code
+# path in a few minutes, to check the script itself).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -100,7 +103,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 DATA="$WORK/reproduce/data"
 if [[ "$SMOKE" == 1 ]]; then
-  SIZE=5400,100 # the benchmark's Lightning fit holds out 5,000 validation images
+  SIZE=6000,100 # the benchmark's Lightning fit holds out 5,000 validation images and times 6 batches of 100
   SHRINK=(--data.val_size=100 --data.batch_size=20 --data.eval_batch_size=50 --data.output_size=32 --trainer.max_epochs=2
     --trainer.limit_train_batches=2 --trainer.limit_val_batches=2 --trainer.limit_test_batches=2)
   REPRODUCE_EXTRA=(--accelerator cpu "--extra=${SHRINK[*]}")
@@ -108,6 +111,7 @@ if [[ "$SMOKE" == 1 ]]; then
   PROBE=(--device cpu --warmup 2 --steps 3 --profile-steps 2 --sync-steps 2)
   PROBE_SIZE=(--data.val_size=100 --data.batch_size=20)
   RESERVE=600
+  SEED_FIT_S=100
   CAPS=(300 240 240)
 else
   SIZE=50000,10000
@@ -115,24 +119,34 @@ else
   BENCH=(--steps 30 --warmup 5 --fit-batches 80)
   PROBE=()
   PROBE_SIZE=()
-  RESERVE=150 # seconds kept for sections 2 and 3 and the summary
-  CAPS=(100 60 90) # at most, seconds: throughput, probes-scratch, probes-fast
+  RESERVE=135 # seconds kept for sections 2 and 3 and the summary
+  SEED_FIT_S=45 # each seed recipe's fit is stopped after this long
+  CAPS=(80 45 60) # at most, seconds: throughput, probes-scratch, probes-fast
 fi
 
-# 1. Real wall time of each recipe: the fast recipes first, then the seed's, then any others.
-CONFIGS=()
-for name in fast finetune_fast finetune scratch; do
-  [[ -f "configs/$name.yaml" ]] && CONFIGS+=("configs/$name.yaml")
+# 1. Real wall time of each recipe. The seed's recipes (50 and 5 epochs) do not fit in the budget:
+#    each fit is stopped after SEED_FIT_S, keeping its pace and the time all its epochs would take.
+#    Then the modern recipes (fast ones first, then any others), to the end, within what is left.
+SEED_CONFIGS=()
+for name in finetune scratch; do
+  [[ -f "configs/$name.yaml" ]] && SEED_CONFIGS+=("configs/$name.yaml")
 done
-for config in configs/*.yaml; do
-  [[ " ${CONFIGS[*]} " == *" $config "* ]] || CONFIGS+=("$config")
+MODERN_CONFIGS=()
+for config in configs/fast.yaml configs/finetune_fast.yaml configs/*.yaml; do
+  [[ -f "$config" && " ${SEED_CONFIGS[*]} ${MODERN_CONFIGS[*]} " != *" $config "* ]] && MODERN_CONFIGS+=("$config")
 done
-MINUTES="$("$PY" -c "print(max(0.0, ($(left) - $RESERVE) / 60))")"
-section reproduce $(($(left) - RESERVE + 60)) "$PY" bench/reproduce.py "${CONFIGS[@]}" --synthetic --synthetic-size "$SIZE" \
-  --seeds 1 --max-minutes "$MINUTES" --work-dir "$WORK/reproduce" --out "$WORK/reproduce" "${REPRODUCE_EXTRA[@]}"
+minutes() { "$PY" -c "print(max(0.0, $1 / 60))"; }
+section reproduce-seed $((SEED_FIT_S * 3 + 60)) "$PY" bench/reproduce.py "${SEED_CONFIGS[@]}" --synthetic --synthetic-size "$SIZE" \
+  --seeds 1 --max-minutes-per-fit "$(minutes "$SEED_FIT_S")" --max-minutes "$(minutes $((SEED_FIT_S * 3)))" \
+  --work-dir "$WORK/reproduce" --out "$WORK/reproduce-seed" "${REPRODUCE_EXTRA[@]}" ${GPU_CHECK_SEED_EXTRA:+"--extra=$GPU_CHECK_SEED_EXTRA"}
+if ((${#MODERN_CONFIGS[@]})); then
+  section reproduce-modern $(($(left) - RESERVE + 30)) "$PY" bench/reproduce.py "${MODERN_CONFIGS[@]}" --synthetic \
+    --synthetic-size "$SIZE" --seeds 1 --max-minutes "$(minutes $(($(left) - RESERVE)))" \
+    --work-dir "$WORK/reproduce" --out "$WORK/reproduce-modern" "${REPRODUCE_EXTRA[@]}"
+fi
 
 # 2. Throughput of the bare train step, both networks, every precision/layout variant.
-CAP=$(($(left) - 70))
+CAP=$(($(left) - 55))
 ((CAP > CAPS[0])) && CAP=${CAPS[0]}
 section throughput "$CAP" "$PY" bench/benchmark.py --sections train --data-dir "$DATA" --out "$WORK/benchmark.json" "${BENCH[@]}"
 
@@ -141,7 +155,7 @@ CAP=$(($(left) - 15))
 ((CAP > CAPS[1])) && CAP=${CAPS[1]}
 section probes-scratch "$CAP" "$PY" bench/probes.py --config configs/scratch.yaml --data-dir "$DATA" --out "$WORK/probes-scratch.json" \
   "${PROBE[@]}" -- --model.init_args.channels_last=true --data.data_on_device=true "${PROBE_SIZE[@]}"
-if [[ -f configs/fast.yaml ]]; then
+if [[ -f configs/fast.yaml ]] && (($(left) > 45)); then
   CAP=$(($(left) - 15))
   ((CAP > CAPS[2])) && CAP=${CAPS[2]}
   section probes-fast "$CAP" "$PY" bench/probes.py --config configs/fast.yaml --data-dir "$DATA" --out "$WORK/probes-fast.json" \

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+import reproduce as rp  # bench/reproduce.py: the same table and plot for the merged runs
 
 # Fit wall time excluding compile/warm-up, on one H100/H200 (issue 12).
 FIT_TARGETS_S = {"scratch": 60, "finetune": 30, "fast": 15}
@@ -82,16 +83,28 @@ def probe_targets(name: str, probes: dict[str, Any] | None) -> list[dict[str, An
     ]  # fmt: skip
 
 
+def merge_reproduce(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One report from several calls of reproduce.py (the runs one after the other)."""
+    if not reports:
+        return None
+    merged = {**reports[0], "runs": [run for report in reports for run in report["runs"]]}
+    merged["environment"] = {**reports[0]["environment"], "command": " ; ".join(r["environment"]["command"] for r in reports)}
+    merged["recipes"] = rp.summarize(merged["runs"])
+    return merged
+
+
 def benchmark_table(bench: dict[str, Any] | None) -> list[str]:
-    if not bench or "train" not in bench:
+    if not bench or not bench.get("train"):
         return ["Not measured (the section did not finish; see gpu_check.log for any rows it printed)."]
     lines = ["| network | variant | train img/s | eval img/s | transform share | warm-up s |", "|---|---|---:|---:|---:|---:|"]
     for recipe, result in bench["train"].items():
         for variant, r in result["variants"].items():
             lines.append(f"| {recipe} | {variant} | {r['train_images_per_s']:,.0f} | {r['eval_images_per_s']:,.0f} | "
                          f"{100 * r['transform_share_of_step']:.1f} % | {r['warmup_s']:.1f} |")  # fmt: skip
-        fit = result["fit"]
-        lines.append(f"| {recipe} | Lightning fit ({result['best']}) | {fit['images_per_s']:,.0f} | | | |")
+        if "fit" in result:
+            lines.append(f"| {recipe} | Lightning fit ({result['best']}) | {result['fit']['images_per_s']:,.0f} | | | |")
+    if bench.get("interrupted"):
+        lines.append("\nInterrupted at its time limit: the rows above are what it measured.")
     return lines
 
 
@@ -125,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=None, help="the whole check's wall time")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (a check of the script): no verdicts")
     args = parser.parse_args(argv)
-    reproduce = load(args.work / "reproduce" / "reproduce.json")
+    parts = [load(args.work / f"reproduce-{part}" / "reproduce.json") for part in ("seed", "modern")]
+    reproduce = merge_reproduce([p for p in parts if p])
     bench = load(args.work / "benchmark.json")
     probes = {p.stem.removeprefix("probes-"): load(p) for p in sorted(args.work.glob("probes-*.json"))}
     probes.setdefault("scratch", None)  # always reported, measured or not
@@ -146,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     md += ["Sections: " + ", ".join(f"{s['name']} (exit {s['exit']}, {s['seconds']} s)" for s in summary["sections"]), ""]
     md += ["## Targets (issue 12, for one H100/H200)", "", "| target | measured | verdict |", "|---|---|---|"]
     md += [f"| {t['target']} | {t['shown']} | {t['verdict']} |" for t in targets]
-    md += ["", "## Time to accuracy (reproduce.py --synthetic --seeds 1)", ""]
-    md += [(args.work / "reproduce" / "reproduce.md").read_text() if reproduce else "Not measured.", ""]
+    md += ["", "## Wall time of each recipe (reproduce.py --synthetic --seeds 1)", ""]
+    md += [rp.markdown(reproduce) if reproduce else "Not measured.", ""]
     md += ["## Train-step throughput (benchmark.py --sections train)", ""] + benchmark_table(bench) + [""]
     md += ["## Framework cost, GPU busy, host waits (probes.py)", ""]
     for name, result in probes.items():
@@ -155,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text("\n".join(md))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    png = args.work / "reproduce" / "reproduce.png"
-    if png.is_file():
-        shutil.copyfile(png, args.out / "reproduce.png")
+    if reproduce:
+        rp.plot(reproduce, args.out / "reproduce.png")
     print("\n".join(md))
     return 0
 

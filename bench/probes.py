@@ -172,6 +172,8 @@ def gpu_busy(profiler: torch.profiler.profile, steps: int, wall_s: float) -> dic
     events = profiler.profiler.kineto_results.events()
     device = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.device_type() == torch.autograd.DeviceType.CUDA)
     sync_calls = Counter(e.name() for e in events if e.name() in SYNC_CALLS)
+    sync_calls["cudaDeviceSynchronize"] -= 1  # the probe's own, to end the window
+    sync_calls = +sync_calls  # drops counts of zero
     busy_ns = union_length(device)
     span_ns = device[-1][1] - device[0][0] if device else 0
     return {
@@ -236,8 +238,10 @@ def bare_steps(config: Path, overrides: list[str], windows: Windows, device: tor
     dm.setup("fit")
     model.configure_model()
     model.to(device).train()
-    optimizer = model.configure_optimizers()
-    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    try:
+        optimizer = first_optimizer(model.configure_optimizers())
+    except Exception:  # e.g. a schedule sized from the Trainer; the optimizer alone does the same step
+        optimizer = model.optimizer(model.parameters())
     precision = str(trainer.precision)
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
     probe = Probe(windows, device, dm.hparams.batch_size)
@@ -254,6 +258,15 @@ def bare_steps(config: Path, overrides: list[str], windows: Windows, device: tor
         optimizer.step()
         probe.after(step)
     return probe.result
+
+
+def first_optimizer(configured: Any) -> torch.optim.Optimizer:
+    """The optimizer in whatever ``configure_optimizers`` returned (an optimizer, a dict, or lists of them)."""
+    if isinstance(configured, dict):
+        return first_optimizer(configured["optimizer"])
+    if isinstance(configured, (list, tuple)):
+        return first_optimizer(configured[0])
+    return configured
 
 
 def _batches(dm: CIFAR100DataModule) -> Iterator[Any]:

@@ -12,7 +12,9 @@ and ``reproduce.png`` (val top-1 against wall-clock seconds, mean and band over 
     python bench/reproduce.py --synthetic --seeds 1 --max-minutes 5  # speed only, offline
 
 A recipe that fails is a row with its error; ``--max-minutes`` interrupts the run in progress at
-the budget (it becomes a "stopped" row with what it logged so far) and starts no more.
+the budget (it becomes a "stopped" row with what it logged so far: its pace, and the time all its
+epochs would take at that pace) and starts no more; ``--max-minutes-per-fit`` stops each fit that
+runs longer (to sample the pace of long recipes).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out", help="where reproduce.json/.md/.png go")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "bench/out/reproduce", help="run folders and data")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop at this budget, keeping finished rows")
+    parser.add_argument("--max-minutes-per-fit", type=float, default=None, help="stop each fit after this long (its pace is kept)")
     parser.add_argument("--accelerator", default=None, help="passed as --trainer.accelerator (cpu, gpu, auto)")
     parser.add_argument(
         "--extra", action="append", default=[],
@@ -154,9 +157,9 @@ class Runner:
     def out_of_time(self) -> bool:
         return time.monotonic() >= self.deadline
 
-    def run(self, cmd: list[str], log_path: Path, what: str) -> tuple[int, float, bool]:
-        """Run ``cmd`` with its output to ``log_path``; at the deadline interrupt it (as Ctrl+C, so
-        Lightning closes its logs). Returns (exit code, seconds, whether it was stopped)."""
+    def run(self, cmd: list[str], log_path: Path, what: str, max_s: float = math.inf) -> tuple[int, float, bool]:
+        """Run ``cmd`` with its output to ``log_path``; at the deadline, or after ``max_s``, interrupt it
+        (as Ctrl+C, so Lightning closes its logs). Returns (exit code, seconds, whether it was stopped)."""
         print(f"{self.clock()} {what} ...", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
         began = time.monotonic()
@@ -170,7 +173,7 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     pass
                 now = time.monotonic()
-                if now >= self.deadline and not stopped and proc.poll() is None:
+                if (now >= self.deadline or now - began >= max_s) and not stopped and proc.poll() is None:
                     print(f"{self.clock()} time budget reached: stopping {what}", flush=True)
                     stopped = True
                     _stop(proc)
@@ -178,6 +181,8 @@ class Runner:
                     print(f"{self.clock()} {what}: running for {_mmss(now - began)}", flush=True)
                     next_note = now + 60
         seconds = time.monotonic() - began
+        # A Ctrl+C reaches the run too (same process group), which then ends on its own: still a stop.
+        stopped = stopped or (proc.returncode != 0 and self.out_of_time())
         print(f"{self.clock()} {what}: {'stopped' if stopped else 'exit ' + str(proc.returncode)} after {seconds:.1f} s", flush=True)
         return proc.returncode, seconds, stopped
 
@@ -234,16 +239,19 @@ def run_recipe(config: Path, seed: int, args: argparse.Namespace, data_dir: Path
 
     fit_log = save_dir / f"seed{seed}-fit.log"
     fit_cmd = [*program, "fit", *common, "--trainer.logger.init_args.version", f"seed{seed}-fit", *args.extra]
-    code, seconds, stopped = runner.run(fit_cmd, fit_log, f"{recipe} seed {seed}: fit")
+    cap = 60 * args.max_minutes_per_fit if args.max_minutes_per_fit else math.inf
+    code, seconds, stopped = runner.run(fit_cmd, fit_log, f"{recipe} seed {seed}: fit", cap)
     row.update(fit_command=shlex.join(fit_cmd), fit_process_s=seconds)
     fit_dir = next(iter(save_dir.glob(f"*/seed{seed}-fit")), None)
     if fit_dir is not None:
         row.update(fit_figures(read_scalars(fit_dir), args.thresholds), run_dir=str(fit_dir))
         row["max_epochs"] = max_epochs(fit_dir)
     if stopped:
-        row.update(status="stopped", error=f"stopped at the time budget after {row.get('epochs', 0)} epochs")
-        if row.get("epochs") and row.get("max_epochs") and row.get("fit_s"):
-            row["projected_fit_s"] = row["fit_s"] / row["epochs"] * row["max_epochs"]
+        row.update(status="stopped", error=f"stopped at its time limit after {row.get('epochs', 0)} epochs")
+        if row.get("epochs") and row.get("max_epochs") and row.get("fit_s") is not None:
+            # The warm-up once, then every epoch at the pace of those that ran.
+            warmup = row.get("warmup_s") or 0.0
+            row["projected_fit_s"] = warmup + (row["fit_s"] - warmup) / row["epochs"] * row["max_epochs"]
         return row
     if code != 0 or fit_dir is None:
         return {**row, "status": "failed", "error": tail(fit_log), "failed_at": "fit"}
@@ -259,7 +267,7 @@ def run_recipe(config: Path, seed: int, args: argparse.Namespace, data_dir: Path
     row.update(test_command=shlex.join(test_cmd), test_process_s=seconds)
     test_dir = next(iter(save_dir.glob(f"*/seed{seed}-test")), None)
     if stopped:
-        return {**row, "status": "stopped", "error": "stopped at the time budget while testing"}
+        return {**row, "status": "stopped", "error": "stopped at its time limit while testing"}
     if code != 0 or test_dir is None:
         return {**row, "status": "failed", "error": tail(test_log), "failed_at": "test"}
     row.update(test_figures(read_scalars(test_dir)))
