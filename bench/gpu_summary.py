@@ -58,6 +58,9 @@ def fit_targets(reproduce: dict[str, Any] | None) -> list[dict[str, Any]]:
             note = f" (projected: stopped after {run['epochs']} of {run.get('max_epochs')} epochs)"
         elif run["status"] != "ok":
             value, note = None, f" ({run['status']})"
+        if value is not None and run.get("train_s") is not None and run.get("fit_s"):
+            note += (f"; of the {run['fit_s']:.1f} s run, {run['train_s']:.1f} s were training epochs, the rest "
+                     f"validation, figures and checkpoints; {run.get('images_per_s') or 0:,.0f} train images/s")  # fmt: skip
         rows.append({"target": f"{run['recipe']}: fit without warm-up <= {target} s", "value": value,
                      "shown": "—" if value is None else f"{value:.1f} s{note}", "verdict": verdict(value, target, False, " s")})  # fmt: skip
     return rows

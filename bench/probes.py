@@ -237,11 +237,15 @@ def bare_steps(config: Path, overrides: list[str], windows: Windows, device: tor
     dm.prepare_data()
     dm.setup("fit")
     model.configure_model()
+    if hasattr(model, "prepare_network"):  # where the speed-ups (channels_last, compile) are applied, if not above
+        model.prepare_network()
     model.to(device).train()
+    note = "the recipe's configure_optimizers"
     try:
         optimizer = first_optimizer(model.configure_optimizers())
-    except Exception:  # e.g. a schedule sized from the Trainer; the optimizer alone does the same step
+    except Exception as err:  # e.g. a schedule sized from the running Trainer; the optimizer alone does the same step
         optimizer = model.optimizer(model.parameters())
+        note = f"the recipe's optimizer on all parameters in one group (configure_optimizers: {type(err).__name__}: {err})"
     precision = str(trainer.precision)
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
     probe = Probe(windows, device, dm.hparams.batch_size)
@@ -257,7 +261,7 @@ def bare_steps(config: Path, overrides: list[str], windows: Windows, device: tor
         loss.backward()
         optimizer.step()
         probe.after(step)
-    return probe.result
+    return {**probe.result, "optimizer": note}
 
 
 def first_optimizer(configured: Any) -> torch.optim.Optimizer:
