@@ -167,3 +167,5 @@ SMOKE_FLAG=()
 [[ "$SMOKE" == 1 ]] && SMOKE_FLAG=(--smoke)
 "$PY" bench/gpu_summary.py "$WORK" "$OUT_DIR" --seconds $((SECONDS - START)) "${SMOKE_FLAG[@]}"
 echo "gpu_check: done in $((SECONDS - START))s; results in $OUT_DIR (summary.md, summary.json, reproduce.png, gpu_check.log)"
+exec >&- 2>&-
+wait # for tee to write the log's last lines
