@@ -6,13 +6,14 @@
 #
 # In order of importance, each section within its share of the time budget:
 #   1. reproduce.py --synthetic --seeds 1: the real wall time of every recipe: the seed's two
-#      (each fit stopped after 45 s, its pace and projected time kept), then the modern ones in full
+#      (each fit stopped after 40 s, its pace and projected time kept), then the modern ones in full
 #      (a run still going at the budget is stopped the same way);
 #   2. benchmark.py --sections train: train/eval images/s of both networks in fp32, bf16,
 #      bf16 + channels_last, + compile;
 #   3. probes.py: Lightning fit against a bare PyTorch loop on the same steps, GPU busy fraction,
 #      and every host-device synchronisation in training steps with where it comes from.
-# OUT_DIR then holds only summary.md, summary.json, reproduce.png and gpu_check.log.
+# OUT_DIR then holds only summary.md, summary.json, reproduce.png and gpu_check.log. Exit status: 0;
+# 2 no GPU, 3 missing packages (nothing run); 4 a section failed or hit its time limit (all written).
 #
 # Nothing is fetched from the network. Missing Python packages are installed from wheelhouse/ at the
 # repository root if it exists (pip --no-index); otherwise the script names them and stops.
@@ -46,6 +47,7 @@ print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
 EOF
 }
 MISSING="$(missing_modules)"
+MISSING_BEFORE="$MISSING"
 
 # No GPU: say so and start nothing (checked before anything is installed or written).
 if [[ " $MISSING " != *" torch "* && "$SMOKE" != 1 ]]; then
@@ -56,13 +58,13 @@ fi
 if [[ -n "$MISSING" && -d "$ROOT/wheelhouse" ]]; then
   PACKAGES="$(for m in $MISSING; do echo "${WHEEL[$m]}"; done | sort -u | tr '\n' ' ')"
   # shellcheck disable=SC2086
-  "$PY" -m pip install --quiet --no-index --find-links "$ROOT/wheelhouse" $PACKAGES >/dev/null 2>&1
+  PIP_SAID="$("$PY" -m pip install --quiet --no-index --find-links "$ROOT/wheelhouse" $PACKAGES 2>&1 | grep -v '^\s*$' | tail -1)"
   MISSING="$(missing_modules)"
 fi
 if [[ -n "$MISSING" ]]; then
-  EXIT=3 fail "missing Python modules: $MISSING (no network: put their wheels in $ROOT/wheelhouse/ and run again)."
+  EXIT=3 fail "missing Python modules: $MISSING (no network: put their wheels in $ROOT/wheelhouse/ and run again)${PIP_SAID:+; pip: $PIP_SAID}."
 fi
-if [[ "$SMOKE" != 1 ]]; then
+if [[ " $MISSING_BEFORE " == *" torch "* && "$SMOKE" != 1 ]]; then # torch came from the wheelhouse
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 ||
     EXIT=2 fail "no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False): nothing was run."
 fi
@@ -119,9 +121,9 @@ else
   BENCH=(--steps 30 --warmup 5 --fit-batches 80)
   PROBE=()
   PROBE_SIZE=()
-  RESERVE=135 # seconds kept for sections 2 and 3 and the summary
-  SEED_FIT_S=45 # each seed recipe's fit is stopped after this long
-  CAPS=(80 45 60) # at most, seconds: throughput, probes-scratch, probes-fast
+  RESERVE=130 # seconds kept for sections 2 and 3 and the summary
+  SEED_FIT_S=40 # each seed recipe's fit is stopped after this long
+  CAPS=(75 45 60) # at most, seconds: throughput, probes-scratch, probes-fast
 fi
 
 # 1. Real wall time of each recipe. The seed's recipes (50 and 5 epochs) do not fit in the budget:
@@ -166,6 +168,9 @@ echo
 SMOKE_FLAG=()
 [[ "$SMOKE" == 1 ]] && SMOKE_FLAG=(--smoke)
 "$PY" bench/gpu_summary.py "$WORK" "$OUT_DIR" --seconds $((SECONDS - START)) "${SMOKE_FLAG[@]}"
+FAILED="$(awk -F'\t' '$2 != "0" && $2 != "skipped" {printf " %s (exit %s)", $1, $2}' "$SECTIONS")"
 echo "gpu_check: done in $((SECONDS - START))s; results in $OUT_DIR (summary.md, summary.json, reproduce.png, gpu_check.log)"
+[[ -n "$FAILED" ]] && echo "gpu_check: sections that did not end cleanly:$FAILED (see summary.md)"
 exec >&- 2>&-
 wait # for tee to write the log's last lines
+[[ -z "$FAILED" ]] || exit 4
