@@ -161,3 +161,12 @@ def test_gpu_check_without_a_gpu_says_so_and_starts_nothing(tmp_path: Path) -> N
     assert proc.returncode != 0
     assert len(lines) == 1 and "no CUDA GPU" in lines[0], lines
     assert not out.exists() or not any(out.iterdir()), "nothing was started"
+
+
+def test_gpu_busy_time_counts_overlapping_device_work_once() -> None:
+    spec = importlib.util.spec_from_file_location("probes", ROOT / "bench" / "probes.py")
+    probes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probes)
+    # two overlapping kernels (0-15), one inside another stream's (20-30 holds 22-25), a gap of 5 between
+    assert probes.union_length([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
+    assert probes.union_length([]) == 0
