@@ -70,7 +70,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--thresholds", default=",".join(str(t) for t in THRESHOLDS), help="val top-1 levels to time")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.configs = args.configs or sorted((ROOT / "configs").glob("*.yaml"))
+    missing = [str(c) for c in args.configs if not c.is_file()]
+    if missing:
+        parser.error(f"no such config: {', '.join(missing)}")
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        parser.error(f"--data-dir {args.data_dir} is not a folder (it should hold cifar-100-python/ or its .tar.gz)")
+    try:
+        args.synthetic_size = tuple(int(n) for n in args.synthetic_size.split(","))
+        if len(args.synthetic_size) != 2 or min(args.synthetic_size) < 1:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--synthetic-size takes two positive numbers, TRAIN,TEST; got {args.synthetic_size!r}")
     args.extra = [token for value in args.extra for token in shlex.split(value)]
     args.thresholds = [float(t) for t in args.thresholds.split(",") if t]
     if args.seeds < 1:
@@ -320,7 +332,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "commit": git_commit(),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join(["python", "bench/reproduce.py", *args.argv]),
         "data": "synthetic (speed only)" if args.synthetic else str(args.data_dir),
         "synthetic": bool(args.synthetic),
         "seeds": args.seeds,
@@ -452,7 +464,7 @@ def prepare_data(args: argparse.Namespace) -> Path:
         return args.data_dir.resolve()
     from cifar_resnet.data.synthetic import write_synthetic_archive
 
-    n_train, n_test = (int(n) for n in args.synthetic_size.split(","))
+    n_train, n_test = args.synthetic_size
     data_dir = (args.work_dir / "data").resolve()
     marker = data_dir / "size.txt"
     if not marker.is_file() or marker.read_text() != f"{n_train},{n_test}":
