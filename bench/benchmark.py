@@ -267,15 +267,16 @@ def project(recipe: str, train_ips: float, eval_ips: float) -> float:
     return epochs * (n_train / train_ips + n_val / eval_ips) + 10_000 / eval_ips
 
 
-def bench_train(data_dir: Path, device: torch.device, args: argparse.Namespace) -> dict:
-    """Throughput of both models in every variant, a Lightning fit, and the projected recipe times."""
+def bench_train(data_dir: Path, device: torch.device, args: argparse.Namespace, results: dict) -> dict:
+    """Throughput of both models in every variant, a Lightning fit, and the projected recipe times,
+    filled into ``results`` as they come (an interrupted run keeps what it measured)."""
     variants = ["fp32", "bf16", "bf16+channels_last"] + ([] if args.skip_compile else ["bf16+channels_last+compile"])
     cuda = device.type == "cuda"
-    results = {}
     for recipe in RECIPES:
         batch = BATCH if cuda else args.cpu_batch[recipe]
         eval_batch = 1000 if cuda else batch
         rows = {}
+        results[recipe] = {"variants": rows}
         print(f"\n[train] {recipe} on {device_name(device)}: train batch {batch}, eval batch {eval_batch}")
         print(f"  {'variant':<28}{'train img/s':>12}{'eval img/s':>12}{'transform %':>13}{'warm-up s':>11}")
         for variant in variants:
@@ -291,8 +292,7 @@ def bench_train(data_dir: Path, device: torch.device, args: argparse.Namespace) 
         step_proj = project(recipe, rows[best]["train_images_per_s"], rows[best]["eval_images_per_s"])
         fit_proj = project(recipe, fit["images_per_s"], rows[best]["eval_images_per_s"])
         print(f"  projected full recipe: {step_proj:.0f} s from the step alone, {fit_proj:.0f} s with Lightning's fit loop")
-        results[recipe] = {"variants": rows, "best": best, "fit": fit,
-                           "projected_recipe_s": {"step": step_proj, "fit": fit_proj}}  # fmt: skip
+        results[recipe].update(best=best, fit=fit, projected_recipe_s={"step": step_proj, "fit": fit_proj})
     return results
 
 
@@ -339,11 +339,15 @@ def main() -> None:
         "device": device_name(device),
         "torch": torch.__version__,
     }
-    if "data" in args.sections:
-        report["data"] = bench_data(args.data_dir, args.workers, args.batches, args.seed_batches_224, args.repeats)
-        torch.set_num_threads(os.cpu_count())
-    if "train" in args.sections:
-        report["train"] = bench_train(args.data_dir, device, args)
+    try:
+        if "data" in args.sections:
+            report["data"] = bench_data(args.data_dir, args.workers, args.batches, args.seed_batches_224, args.repeats)
+            torch.set_num_threads(os.cpu_count())
+        if "train" in args.sections:
+            bench_train(args.data_dir, device, args, report.setdefault("train", {}))
+    except KeyboardInterrupt:  # Ctrl+C or a time limit: keep the figures measured so far
+        report["interrupted"] = True
+        print("\ninterrupted: writing the figures measured so far")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

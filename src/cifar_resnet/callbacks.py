@@ -27,20 +27,50 @@ from cifar_resnet.figures import (
 
 
 class SpeedMonitor(Callback):
-    """Logs ``train/epoch_time`` (s) and ``train/images_per_sec`` (all devices together) each epoch,
-    and shows the running images/s of the epoch and the training loss in the progress bar."""
+    """Logs how fast training goes and how long a fit has taken.
+
+    Each epoch: ``train/epoch_time`` (s) and ``train/images_per_sec`` (all devices together), and in
+    the progress bar the running images/s of the epoch and the training loss. After each validation
+    epoch (not the sanity check): ``time/elapsed_s``, wall seconds since the fit started, at the same
+    step as ``val/top1``, so accuracy can be plotted against time. Once: ``time/warmup_s``, the wall
+    seconds of the first training step plus the first validation batch, which is what compiling and
+    cuDNN autotuning cost (fit time without them = last ``time/elapsed_s`` - ``time/warmup_s``). At
+    the end of the fit, on CUDA: ``gpu/peak_memory_gib``. The clocks wait for the device only at
+    these points, never in the steps between.
+    """
 
     def __init__(self) -> None:
         self._start = 0.0
         self._images = 0
+        self._fit_start = 0.0
+        self._warmup: dict[str, float] = {}
+        self._batch_start: float | None = None
+
+    @staticmethod
+    def _now(pl_module: LightningModule) -> float:
+        """Wall-clock seconds, once the device has finished the work queued so far."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._warmup, self._batch_start = {}, None
+        self._fit_start = self._now(pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self._start, self._images = time.perf_counter(), 0
+        self._start, self._images = self._now(pl_module), 0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if "train" not in self._warmup:
+            self._batch_start = self._now(pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._images += len(batch[1])
+        if "train" not in self._warmup:
+            self._warmup["train"] = self._now(pl_module) - self._batch_start
+            self._log_warmup(trainer)
         # Showing a figure makes the host wait for the device, so the bar's figures change only every
         # `log_every_n_steps` steps (and at the end of the epoch), not every step.
         due = (batch_idx + 1) % trainer.log_every_n_steps == 0 or batch_idx + 1 == trainer.num_training_batches
@@ -51,11 +81,42 @@ class SpeedMonitor(Callback):
             pl_module.log("loss", outputs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - self._start
+        elapsed = self._now(pl_module) - self._start
         pl_module.log("train/epoch_time", elapsed, sync_dist=True, reduce_fx="max")
         pl_module.log("train/images_per_sec", self._images * trainer.world_size / elapsed, sync_dist=True, reduce_fx="min")
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.state.fn == "fit" and "val" not in self._warmup:
+            self._batch_start = self._now(pl_module)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.state.fn == "fit" and "val" not in self._warmup:
+            self._warmup["val"] = self._now(pl_module) - self._batch_start
+            self._log_warmup(trainer)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            pl_module.log("time/elapsed_s", self._now(pl_module) - self._fit_start, sync_dist=True, reduce_fx="max")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            self._log_now(trainer, {"gpu/peak_memory_gib": torch.cuda.max_memory_allocated(pl_module.device) / 2**30})
+
+    def _log_warmup(self, trainer: Trainer) -> None:
+        """Log ``time/warmup_s`` when both the first training step and the first validation batch are timed."""
+        if set(self._warmup) == {"train", "val"}:
+            self._log_now(trainer, {"time/warmup_s": self._warmup["train"] + self._warmup["val"]})
+
+    @staticmethod
+    def _log_now(trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Write ``metrics`` to every logger at the current step (rank 0 only; outside Lightning's epoch bookkeeping)."""
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
