@@ -18,10 +18,10 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
 from cifar_resnet import CIFAR100DataModule, ScratchResNet
+from cifar_resnet.averaging import EMAWeights
 from cifar_resnet.classifier import parameter_groups
 from cifar_resnet.data.datamodule import DeviceShuffle, EpochShuffle
 from cifar_resnet.data.order import epoch_order
@@ -37,7 +37,7 @@ BATCH = 50  # the recipes' batches (512, 256) scaled down for 2 CPU cores
 def short_ema_config(recipe: str, folder: Path) -> Path:
     """The recipe with an EMA memory of a few steps (its 0.99x suits ~1,000 steps, not 30)."""
     config = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
-    (ema,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeightAveraging")]
+    (ema,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeights")]
     ema["init_args"]["decay"] = 0.8
     path = folder / f"{recipe}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -149,7 +149,7 @@ def test_ema_weights_follow_the_ema_formula(cifar_dir: Path, tmp_path: Path) -> 
     trainer = Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=5, limit_val_batches=0, logger=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        callbacks=[record, EMAWeightAveraging(decay=decay)],
+        callbacks=[record, EMAWeights(decay=decay)],
     )  # fmt: skip
     trainer.fit(model, data)
     assert len(record.steps) == 5
@@ -327,7 +327,7 @@ def test_recipes_print_every_setting(tmp_path: Path) -> None:
         proc = run_cli("fit", "--config", str(CONFIGS / f"{recipe}.yaml"), "--print_config", cwd=tmp_path)
         for key in ("label_smoothing: 0.1", "weight_decay_norm_and_bias: false", "tta: true", "compile: true",
                     "crop_padding: 4", "vflip_prob: 0.0", "data_on_device: true", "nesterov: true",
-                    "cifar_resnet.schedules.WarmupDecayLR", "lightning.pytorch.callbacks.EMAWeightAveraging"):
+                    "cifar_resnet.schedules.WarmupDecayLR", "cifar_resnet.averaging.EMAWeights"):
             assert key in proc.stdout, (recipe, key)
 
 
