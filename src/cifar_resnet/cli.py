@@ -110,7 +110,7 @@ class SaveConfigSafely(SaveConfigCallback):
 
     ``test``, ``validate`` and ``predict`` write theirs at setup, into their own new version folder.
     A ``fit`` writes it when training starts in a new folder; when resuming into a folder that has one,
-    only once its first epoch is checkpointed, so a resume that fails (a checkpoint that does not fit,
+    only once an epoch has been checkpointed, so a resume that fails (a checkpoint that does not fit,
     a full disk) leaves the run's ``config.yaml`` as it was.
     """
 
@@ -119,12 +119,15 @@ class SaveConfigSafely(SaveConfigCallback):
             self._save(trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch
         exists = trainer.is_global_zero and self._path(trainer).is_file()
         if not trainer.strategy.broadcast(exists):
             self._save(trainer)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._save(trainer)
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Checkpoints are written at the end of an epoch, after every other callback's hook.
+        if trainer.current_epoch > self._first_epoch:
+            self._save(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save(trainer)
