@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_resnet.checkpointing import find_last_checkpoint
 from cifar_resnet.data.datamodule import EpochShuffle
 from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args, warning_lines
 
@@ -179,3 +180,20 @@ def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(cifar_dir: Path,
         "cifar-resnet: fit stopped by SIGINT in epoch 0 before any checkpoint was written; run the same command again to start over."
     )
     assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_last_is_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    """A kill while the very first last.ckpt was being written leaves its .tmp and the epoch's best checkpoint."""
+    old = tmp_path / "version_0" / "checkpoints"
+    new = tmp_path / "version_1" / "checkpoints"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+    (old / "last.ckpt").write_bytes(b"older run")
+    time.sleep(0.01)
+    (new / "best-epoch=0-top1=0.0300.ckpt").write_bytes(b"complete")
+    (new / ".last.ckpt.abc123.tmp").write_bytes(b"torn")
+    assert find_last_checkpoint(tmp_path) == new / "best-epoch=0-top1=0.0300.ckpt"
+    time.sleep(0.01)
+    (new / "last.ckpt").write_bytes(b"complete, newer")
+    assert find_last_checkpoint(tmp_path) == new / "last.ckpt"
+    assert find_last_checkpoint(tmp_path / "nothing") is None

@@ -76,10 +76,13 @@ MAX_SEED = 2**32 - 1
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped a command; ``code`` is the conventional exit status (128 + signal)."""
 
-    def __init__(self, signum: signal.Signals, subcommand: str | None, epoch: int | None, checkpoint: Path | None) -> None:
+    def __init__(
+        self, signum: signal.Signals, subcommand: str | None, epoch: int | None, checkpoint: Path | None, quiet: bool = False
+    ) -> None:
         super().__init__(signum.name)
         self.signum, self.subcommand, self.epoch, self.checkpoint = signum, subcommand, epoch, checkpoint
         self.code = 128 + int(signum)
+        self.quiet = quiet  # DDP ranks other than 0 leave the talking to rank 0
 
     def message(self, argv: list[str]) -> str:
         """One line: what stopped, and the command that resumes (or repeats) it."""
@@ -174,7 +177,7 @@ class CifarCLI(LightningCLI):
         folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath}
         found = [p for folder in folders for p in folder.glob("*.ckpt")]
         newest = max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST)) if found else None
-        return Interrupted(signum, subcommand, trainer.current_epoch, newest)
+        return Interrupted(signum, subcommand, trainer.current_epoch, newest, quiet=not trainer.is_global_zero)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """A parser that raises on bad arguments (``main`` prints them) instead of printing a page of usage."""
@@ -264,6 +267,7 @@ class CifarCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """The subcommand's parser, with ``--verbose false`` as the default of ``test``."""
+        # Lightning 2.6 has no public hook that knows which subcommand a parser is for.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "test":
             parser.set_defaults(verbose=False)
@@ -322,7 +326,8 @@ def main(args: ArgsType = None) -> None:
         raise SystemExit(2) from None
     except Interrupted as stop:
         argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
-        print(stop.message(argv), file=sys.stderr, flush=True)
+        if not stop.quiet:
+            print(stop.message(argv), file=sys.stderr, flush=True)
         raise SystemExit(stop.code) from None
     except Exception as err:
         message = _user_message(err)
