@@ -123,7 +123,8 @@ class SaveConfigSafely(SaveConfigCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._first_epoch = trainer.current_epoch
-        exists = trainer.is_global_zero and self._path(trainer).is_file()
+        path = self._path(trainer)
+        exists = trainer.is_global_zero and path.is_file()
         if not trainer.strategy.broadcast(exists):
             self._save(trainer)
 
