@@ -117,6 +117,8 @@ class SaveConfigSafely(SaveConfigCallback):
     a full disk) leaves the run's ``config.yaml`` as it was.
     """
 
+    _first_epoch = 0  # the epoch this command's training started in
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             self._save(trainer)
