@@ -46,9 +46,11 @@ def tiny_args(data_dir: Path, log_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 300, expect_ok: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run the installed ``cifar-resnet`` command; fail with its output if the exit code is unexpected."""
-    proc = subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if (proc.returncode == 0) != expect_ok:
         pytest.fail(f"cifar-resnet {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from cifar_resnet.checkpointing import AtomicCheckpointIO
 
 
 class RaiseOnRank(Callback):
@@ -110,3 +113,29 @@ class ZeroGradients(Callback):
         for p in pl_module.parameters():
             if p.grad is not None:
                 p.grad.zero_()
+
+
+class FullDiskCheckpointIO(AtomicCheckpointIO):
+    """The program's checkpoint IO on a disk that fills up: from save number ``saves_before_full`` on
+    (counting from 0), writing a checkpoint fails with ``ENOSPC`` after part of it is written."""
+
+    def __init__(self, saves_before_full: int = 0) -> None:
+        super().__init__()
+        self.saves_before_full = saves_before_full
+        self.saves = 0
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.saves += 1
+        if self.saves <= self.saves_before_full:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        real_save = torch.save
+
+        def save_until_full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+            f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        torch.save = save_until_full
+        try:
+            super().save_checkpoint(checkpoint, path, storage_options)
+        finally:
+            torch.save = real_save

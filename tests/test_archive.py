@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import pickle
 import shutil
 import socket
+import subprocess
+import sys
+import tarfile
 import threading
 from functools import partial
 from pathlib import Path
@@ -146,3 +150,100 @@ def test_truncated_archive_is_refused(cifar_dir: Path, tmp_path: Path) -> None:
     (tmp_path / ARCHIVE_NAME).write_bytes(payload[: len(payload) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_cifar100(tmp_path / ARCHIVE_NAME)
+
+
+# --- hostile files: refused in bounded time and memory, nothing run, nothing crashed ------------------
+
+# Loads an archive in a child process whose memory is capped at 512 MB above what its imports took and
+# whose CPU time is capped at 60 s, so a regression fails this test instead of taking the test run down.
+SANDBOXED_LOAD = """
+import resource, sys
+from pathlib import Path
+from cifar_resnet.data.archive import load_cifar100
+from cifar_resnet.errors import UserError
+used = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (used + 2**29, used + 2**29))
+resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+try:
+    load_cifar100(Path(sys.argv[1]))
+except UserError as err:
+    print(err)
+    sys.exit(2)
+"""
+
+
+def sandboxed_load(source: Path) -> subprocess.CompletedProcess:
+    """``load_cifar100(source)`` in a memory- and time-capped child; exit 2 with the message on a UserError."""
+    return subprocess.run([sys.executable, "-c", SANDBOXED_LOAD, str(source)], capture_output=True, text=True, timeout=120)
+
+
+def crafted_folder(cifar_dir: Path, tmp_path: Path, member: str, payload: bytes) -> Path:
+    """A copy of the synthetic archive folder with one member replaced by ``payload``."""
+    folder = tmp_path / FOLDER_NAME
+    shutil.copytree(cifar_dir / FOLDER_NAME, folder)
+    (folder / member).write_bytes(payload)
+    return folder
+
+
+def test_object_dtype_labels_cannot_make_numpy_follow_pointers(cifar_dir: Path, tmp_path: Path) -> None:
+    # uint64 labels re-typed as an object array: numpy would read the values as pointers (a segfault).
+    split = synthetic_split(20, 0, b"crafted")
+    split[b"fine_labels"] = np.full(20, 0x4141414141414141, dtype="<u8")
+    payload = py2_pickle(split)
+    assert payload.count(b"u8") == 1
+    proc = sandboxed_load(crafted_folder(cifar_dir, tmp_path, "train", payload.replace(b"u8", b"O8")))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "(train): refusing dtype 'O8': CIFAR-100 files hold only uint8 arrays" in proc.stdout
+
+
+def test_deeply_shared_label_lists_are_not_walked(cifar_dir: Path, tmp_path: Path) -> None:
+    labels: list = [0]
+    for _ in range(40):  # a few hundred bytes pickled, 2^40 entries if walked
+        labels = [labels, labels]
+    split = synthetic_split(20, 0, b"crafted")
+    split[b"fine_labels"] = labels
+    payload = py2_pickle(split)
+    assert len(payload) < 70_000
+    proc = sandboxed_load(crafted_folder(cifar_dir, tmp_path, "train", payload))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "(train): 'fine_labels' must be a list of 20 integers (one per image), found a list of 2 holding list" in proc.stdout
+
+
+def test_an_oversized_tar_member_is_refused_before_it_is_read(cifar_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / ARCHIVE_NAME
+    huge = archive.MAX_MEMBER_BYTES["train"] + 2**20
+    with tarfile.open(source, "w:gz", compresslevel=1) as tar:
+        info = tarfile.TarInfo(f"{FOLDER_NAME}/train")
+        info.size = huge
+        tar.addfile(info, io.BytesIO(bytes(huge)))
+        for member in ("test", "meta"):
+            tar.add(cifar_dir / FOLDER_NAME / member, f"{FOLDER_NAME}/{member}")
+    proc = sandboxed_load(source)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"(train) is {huge:,} bytes, more than the official file's" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [1.0, True, "3", None])
+def test_labels_that_are_not_plain_ints_are_refused(cifar_dir: Path, tmp_path: Path, bad) -> None:
+    split = synthetic_split(10, 0, b"bad")
+    split[b"coarse_labels"][4] = bad
+    with pytest.raises(UserError, match=rf"'coarse_labels' must be a list of 10 integers .*holding .*{type(bad).__name__}"):
+        load_cifar100(_write_split(tmp_path, cifar_dir, split))
+
+
+@pytest.mark.parametrize("bad", [7, None, b"x" * 300])
+def test_class_names_must_be_strings(cifar_dir: Path, tmp_path: Path, bad) -> None:
+    folder = tmp_path / FOLDER_NAME
+    shutil.copytree(cifar_dir / FOLDER_NAME, folder)
+    meta = pickle.loads((folder / "meta").read_bytes(), encoding="bytes")
+    meta[b"fine_label_names"][5] = bad
+    (folder / "meta").write_bytes(py2_pickle(meta))
+    with pytest.raises(UserError, match=r"'fine_label_names' must list 100 names \(strings\)"):
+        load_cifar100(folder)
+
+
+def test_float_images_are_refused(cifar_dir: Path, tmp_path: Path) -> None:
+    split = synthetic_split(10, 0, b"bad")
+    split[b"data"] = split[b"data"].astype(np.float32)
+    with pytest.raises(UserError, match="refusing dtype 'f4'"):
+        load_cifar100(_write_split(tmp_path, cifar_dir, split))

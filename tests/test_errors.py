@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import fractions
 import hashlib
+import io
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +27,7 @@ from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet
-from conftest import CONFIGS, run_cli, tiny_args
+from conftest import CLI, CONFIGS, env_with_tests, run_cli, tiny_args
 
 SCRATCH, FINETUNE = str(CONFIGS / "scratch.yaml"), str(CONFIGS / "finetune.yaml")
 
@@ -121,6 +127,13 @@ def test_a_data_pickle_that_would_run_code_is_refused(cifar_dir: Path, tmp_path:
         (["--data.hflip_prob", "1.5"], "Flip probabilities must lie in [0, 1]"),
         (["--model.init_args.dropout", "1.2"], "dropout must lie in [0, 1)"),
         (["--trainer.devices", "0"], "Invalid trainer settings"),
+        (["--model.init_args.optimizer.init_args.lr", "-0.1"], "Invalid optimizer or LR scheduler settings: Invalid learning rate: -0.1"),
+        (["--model.init_args.num_classes", "1"], "num_classes is 1, but CIFAR-100 has 100 classes"),
+        (["--model.init_args.num_classes", "10"], "num_classes is 10, but CIFAR-100 has 100 classes"),
+        (["--trainer.log_every_n_steps", "0"], "log_every_n_steps must be a positive number of steps, got 0"),
+        (["--seed_everything", str(2**32)], "seed_everything must lie in [0, 4294967295]"),
+        (["--data.num_workers", "-1"], "num_workers must be 0 or more, got -1"),
+        (["--data.output_size", "100000"], "output_size must be at most 1024"),
     ],
 )
 def test_bad_config_values(cifar_dir: Path, tmp_path: Path, capsys, override: list[str], expected: str) -> None:
@@ -149,13 +162,13 @@ def test_fine_tune_checkpoint_with_the_scratch_config(cifar_dir: Path, trained: 
 
 
 def test_checkpoint_of_another_network_without_the_cli(cifar_dir: Path, trained: dict, tmp_path: Path) -> None:
-    """Lightning's own page of missing keys becomes one line, also when the Trainer is used directly."""
+    """The one check of a checkpoint against the model lives in the module: it works without the CLI too."""
     from lightning.pytorch import Trainer
 
     from cifar_resnet import CIFAR100DataModule
 
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
-    with pytest.raises(UserError, match=r"holds the weights of cifar_resnet.FineTunedResNet18, which do not fit ScratchResNet \(missing: "):
+    with pytest.raises(UserError, match=r"holds a FineTunedResNet18, but the config asks for a ScratchResNet"):
         trainer.test(ScratchResNet(), CIFAR100DataModule(str(cifar_dir), val_size=100), ckpt_path=trained["finetune"])
 
 
@@ -176,7 +189,7 @@ def test_missing_checkpoint_and_no_last_checkpoint_to_test(cifar_dir: Path, tmp_
     err = fails(capsys, "test", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", "nope.ckpt")
     assert "Checkpoint 'nope.ckpt' not found" in err
     err = fails(capsys, "test", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", "last")
-    assert "no " in err and "last.ckpt to test" in err
+    assert "`--ckpt_path last`: no " in err and "/checkpoints/*.ckpt to test" in err
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(cifar_dir: Path, trained: dict, tmp_path: Path, capsys) -> None:
@@ -269,3 +282,183 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cifar
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted(p.name for p in before if p.parent == checkpoints)
     good = read_checkpoint(checkpoints / "last.ckpt")
     assert good["epoch"] == 0 and all(torch.isfinite(v).all() for v in good["state_dict"].values() if v.is_floating_point())
+
+
+# --- checkpoints against the config -------------------------------------------------------------------
+
+
+def edited_checkpoint(trained: dict, path: Path, hparams: dict, classes: int | None = None) -> Path:
+    """The trained scratch checkpoint with other hyper-parameters (and a ``classes``-way head)."""
+    checkpoint = torch.load(trained["scratch"], weights_only=True)
+    checkpoint["hyper_parameters"].update(hparams)
+    if classes is not None:
+        for key in ("net.fc.weight", "net.fc.bias"):
+            checkpoint["state_dict"][key] = checkpoint["state_dict"][key][:classes].clone()
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "predict"])
+def test_a_10_class_checkpoint_under_the_100_class_config(cifar_dir: Path, trained: dict, tmp_path: Path, capsys, subcommand: str) -> None:
+    path = edited_checkpoint(trained, tmp_path / "ten.ckpt", {"num_classes": 10}, classes=10)
+    err = fails(capsys, subcommand, "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(path))
+    assert f"The checkpoint '{path}' was trained with num_classes=10, but the config says num_classes=100" in err
+    assert not list(tmp_path.rglob("predictions.csv"))
+
+
+@pytest.mark.parametrize(
+    ("hparams", "expected"),
+    [
+        ({"dropout": 0.5}, "was trained with dropout=0.5, but the config says dropout=0.3"),
+        ({"stochastic_depth": 0.1}, "was written by another version of this program: settings unknown here: stochastic_depth"),
+    ],
+)
+def test_checkpoint_settings_never_silently_beat_the_config(cifar_dir: Path, trained: dict, tmp_path: Path, capsys, hparams: dict, expected: str) -> None:
+    path = edited_checkpoint(trained, tmp_path / "other.ckpt", hparams)
+    err = fails(capsys, "test", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(path))
+    assert expected in err
+
+
+def test_a_bare_state_dict_is_not_a_checkpoint(cifar_dir: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "weights.ckpt"
+    torch.save(SeedResNet().state_dict(), path)
+    err = fails(capsys, "test", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(path))
+    assert f"'{path}' is not a Lightning checkpoint of this program (it has no 'state_dict'" in err
+
+
+def test_weights_only_false_loads_a_trusted_checkpoint_end_to_end(cifar_dir: Path, trained: dict, tmp_path: Path, capsys) -> None:
+    checkpoint = torch.load(trained["scratch"], weights_only=True)
+    checkpoint["provenance"] = fractions.Fraction(1, 3)  # harmless, but not something weights_only loads
+    path = tmp_path / "trusted.ckpt"
+    torch.save(checkpoint, path)
+    args = ["test", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(path)]
+    err = fails(capsys, *args)
+    assert f"Refusing to load checkpoint '{path}'" in err and "fractions.Fraction" in err
+    assert main([*args, "--weights_only", "false"]) is None
+    assert "test/top1" in capsys.readouterr().out
+
+
+# --- one run, one writer ------------------------------------------------------------------------------
+
+
+def copy_run(trained: dict, tmp_path: Path) -> Path:
+    """A copy of the trained scratch run's folder, as ``tmp_path/runs/scratch/version_0``."""
+    run_dir = tmp_path / "runs" / "scratch" / "version_0"
+    shutil.copytree(trained["scratch"].parent.parent, run_dir)
+    return run_dir
+
+
+def test_commands_with_a_resumed_runs_config_never_write_into_that_run(cifar_dir: Path, trained: dict, tmp_path: Path) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    save_dir = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    main(["fit", "--config", str(run_dir / "config.yaml"), *save_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    config = run_dir / "config.yaml"
+    assert "version: version_0" in config.read_text(), "a resumed run's config pins its folder"
+    before = hashes(run_dir)
+    main(["test", "--config", str(config), *save_dir, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    main(["fit", "--config", str(config), *save_dir, "--ckpt_path", "null"])  # a new run from the same recipe
+    assert_intact(before)
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0", "version_1", "version_2"]
+    assert (run_dir.parent / "version_1" / "test_report.json").is_file()
+    assert (run_dir.parent / "version_2" / "checkpoints" / "last.ckpt").is_file()
+
+
+def is_locked(path: Path) -> bool:
+    """Whether another process holds an ``flock`` on ``path``."""
+    if not path.exists():
+        return False
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_second_process_cannot_write_into_a_run_being_written(cifar_dir: Path, trained: dict, tmp_path: Path, capsys) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    args = ["fit", "--config", str(run_dir / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.max_epochs", "3", "--ckpt_path", "last"]  # fmt: skip
+    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
+    first = subprocess.Popen([str(CLI), *args, *slow], cwd=tmp_path, env=env_with_tests(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not is_locked(run_dir / ".lock") and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        err = fails(capsys, *args)
+        assert f"Another cifar-resnet process is writing into '{run_dir}'" in err
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+        first.stderr.close()
+    # The lock goes with its process, however it ended (here: SIGKILL).
+    assert main([*args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", "last"]) is None
+
+
+# --- the file system saying no ------------------------------------------------------------------------
+
+
+def test_a_full_disk_keeps_the_earlier_checkpoints_and_the_config(cifar_dir: Path, trained: dict, tmp_path: Path, capsys) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    before = hashes(run_dir)
+    (tmp_path / "full_disk.yaml").write_text("trainer:\n  plugins:\n    - class_path: faults.FullDiskCheckpointIO\n")
+    err = fails(capsys, "fit", "--config", str(run_dir / "config.yaml"), "--config", str(tmp_path / "full_disk.yaml"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "2", "--ckpt_path", "last")  # fmt: skip
+    assert f"Cannot write '{run_dir / 'checkpoints'}" in err and "the disk is full" in err and "free some space" in err
+    assert_intact(before)  # the checkpoints and config.yaml of the run
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_unreadable_data_says_permission_denied(cifar_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    shutil.copytree(cifar_dir / FOLDER_NAME, tmp_path / "data" / FOLDER_NAME)
+    denied = tmp_path / "data" / FOLDER_NAME / "train"
+    real_open = io.open
+
+    def open_as_another_user(file, *args, **kwargs):  # the tests run as root, whom chmod does not stop
+        if str(file) == str(denied):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", open_as_another_user)
+    err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(tmp_path / "data", tmp_path / "runs"))
+    assert f"Permission denied: '{denied}'" in err and "corrupt" not in err
+
+
+def test_a_save_dir_that_is_a_file(cifar_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "runs").write_text("not a folder")
+    err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs" / "sub"))
+    assert f"save_dir is '{tmp_path / 'runs' / 'sub'}', but '{tmp_path / 'runs'}' is a file" in err
+
+
+def test_checkpoints_are_created_as_the_umask_says(trained: dict, tmp_path: Path) -> None:
+    run_dir = trained["scratch"].parent.parent
+    assert stat.S_IMODE(trained["scratch"].stat().st_mode) == stat.S_IMODE((run_dir / "hparams.yaml").stat().st_mode)
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            atomic_save({"state_dict": {}}, tmp_path / "a.ckpt")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "a.ckpt").stat().st_mode) == mode
+
+
+# --- a config is code ---------------------------------------------------------------------------------
+
+
+def test_a_config_cannot_import_modules_from_the_working_folder(cifar_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "evil.py").write_text(
+        "from pathlib import Path\nPath('pwned').write_text('code ran')\n"
+        "from lightning.pytorch import Callback\nclass Evil(Callback):\n    pass\n"
+    )
+    args = [sys.executable, "-m", "cifar_resnet", "validate", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"),
+            "--trainer.callbacks+=evil.Evil"]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "evil.Evil" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "pwned").exists()
+    # Asked for with PYTHONPATH, the working folder is searched: the module above really runs code.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [".", os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "pwned").read_text() == "code ran"

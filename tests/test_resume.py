@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifar_resnet.checkpointing import find_last_checkpoint
 from cifar_resnet.data.datamodule import EpochShuffle
 from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args, warning_lines
 
@@ -48,7 +50,9 @@ def uninterrupted(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return tmp / "runs" / "scratch" / "version_0"
 
 
-def test_killed_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted: Path, tmp_path: Path, stop: signal.Signals) -> None:
+    """A kill (SIGKILL), or a scheduler's SIGTERM, in the second epoch; then a resume."""
     save_dir = tmp_path / "runs"
     run_dir = save_dir / "scratch" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -61,17 +65,25 @@ def test_killed_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted: 
         while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert last.exists(), f"no last.ckpt appeared (exit code {proc.poll()})"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.send_signal(stop)
+        stderr = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+            proc.communicate()
     killed_at = load(last)
     assert killed_at["epoch"] == 0 and killed_at["global_step"] == 2, "the kill must land after the first epoch only"
+    resume = fit_args(cifar_dir, save_dir, "--ckpt_path", "last")
+    if stop == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # a non-zero exit, so that a scheduler does not take the run for done, and the command that resumes
+        assert proc.returncode == 128 + signal.SIGTERM
+        message = stderr.strip().splitlines()[-1]
+        assert message.startswith(f"cifar-resnet: fit stopped by SIGTERM in epoch 1, which starts again on resume. Resume from {last} with: cifar-resnet fit ")
+        resume = shlex.split(message.split(" with: ", 1)[1])[1:]  # the printed command, exactly
+        assert resume == [*fit_args(cifar_dir, save_dir, *slow), "--ckpt_path", str(last)]
 
-    proc = run_cli(*fit_args(cifar_dir, save_dir, "--ckpt_path", "last"), cwd=tmp_path)
+    proc = run_cli(*resume, cwd=tmp_path, env=env_with_tests())
     assert f"Restoring states from the checkpoint path at {last}" in proc.stdout + proc.stderr
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"], "the resumed run continues its folder"
 
@@ -94,6 +106,20 @@ def test_killed_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted: 
         assert scalars[tag] == {step: values[step] for step in scalars[tag]}, tag
         assert {step for step in values if step > killed_at["global_step"]} <= scalars[tag].keys(), tag
     assert list(reference["train/lr"].values()) == pytest.approx([1e-3, 1e-3, 1e-4])
+
+
+def test_last_ckpt_is_the_last_epoch_when_the_metric_stalls(cifar_dir: Path, tmp_path: Path) -> None:
+    """With lr 0, val/top1 never improves after epoch 0: last.ckpt must still follow every epoch."""
+    frozen = fit_args(cifar_dir, tmp_path / "runs", "--model.init_args.optimizer.init_args.lr", "0")
+    run_cli(*frozen, cwd=tmp_path)
+    checkpoints = tmp_path / "runs" / "scratch" / "version_0" / "checkpoints"
+    assert [p.name.split("-top1=")[0] for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch=0"]
+    last = load(checkpoints / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    run_cli(*frozen, "--trainer.max_epochs", "4", "--ckpt_path", "last", cwd=tmp_path)
+    last = load(checkpoints / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (3, 8), "the resume continues after epoch 2, not after epoch 0"
+    assert len(read_scalars(checkpoints.parent)["val/top1"]) == 4, "no epoch trained twice"
 
 
 def test_two_seeded_deterministic_runs_log_identical_metrics(cifar_dir: Path, uninterrupted: Path, tmp_path: Path) -> None:
@@ -132,3 +158,42 @@ def test_epoch_shuffle_is_a_fixed_function_of_seed_and_epoch() -> None:
     sampler.set_epoch(1)
     assert list(sampler) == orders[1]
     assert list(EpochShuffle(50, seed=4)) != orders[0]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(cifar_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "scratch" / "version_0"
+    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
+    proc = subprocess.Popen([str(CLI), *fit_args(cifar_dir, tmp_path / "runs", *slow)], cwd=tmp_path, env=env_with_tests(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(run_dir.glob("events.out.tfevents.*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the event file appears when training starts
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "cifar-resnet: fit stopped by SIGINT in epoch 0 before any checkpoint was written; run the same command again to start over."
+    )
+    assert not list(run_dir.rglob("*.ckpt"))
+
+
+def test_last_is_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    """A kill while the very first last.ckpt was being written leaves its .tmp and the epoch's best checkpoint."""
+    old = tmp_path / "version_0" / "checkpoints"
+    new = tmp_path / "version_1" / "checkpoints"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+    (old / "last.ckpt").write_bytes(b"older run")
+    time.sleep(0.01)
+    (new / "best-epoch=0-top1=0.0300.ckpt").write_bytes(b"complete")
+    (new / ".last.ckpt.abc123.tmp").write_bytes(b"torn")
+    assert find_last_checkpoint(tmp_path) == new / "best-epoch=0-top1=0.0300.ckpt"
+    time.sleep(0.01)
+    (new / "last.ckpt").write_bytes(b"complete, newer")
+    assert find_last_checkpoint(tmp_path) == new / "last.ckpt"
+    assert find_last_checkpoint(tmp_path / "nothing") is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import signal
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -368,6 +370,49 @@ class StopChildProcessesOnError(Callback):
     """
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning 2.6 has no public way to reach the processes its launcher started: it kills them
+        # itself only on Ctrl-C and SIGTERM. `_SubprocessScriptLauncher.kill` is the one private API here.
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher):
             launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+class RunFolderLock(Callback):
+    """Locks the run's folder while a command writes into it, so that a second process (a second
+    ``fit --ckpt_path last`` of the same run, say) stops with a clear error instead of mixing its logs
+    and checkpoints in. The lock is an ``flock`` on ``<run folder>/.lock``, which the system releases
+    however the process ends, so a crash never leaves a stale lock.
+    """
+
+    LOCK_NAME = ".lock"
+
+    def __init__(self) -> None:
+        self._file: IO[str] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir  # every process must ask: it broadcasts
+        if not trainer.is_global_zero or log_dir is None or self._file is not None:
+            return
+        folder = Path(log_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / self.LOCK_NAME, "a")  # noqa: SIM115 (held until teardown)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise UserError(
+                f"Another cifar-resnet process is writing into '{folder}'. Wait for it to finish (or stop it) "
+                "before resuming this run; to train a separate run, leave out `--ckpt_path`."
+            ) from None
+        self._file = lock
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

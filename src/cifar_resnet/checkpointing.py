@@ -1,7 +1,9 @@
-"""Checkpoints that survive a kill, load without running code, and fail with errors that name the file."""
+"""Checkpoints that survive a kill, load without running code, fit the model they are loaded into,
+and fail with errors that name the file."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import tempfile
@@ -13,11 +15,20 @@ from typing import Any, Callable
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from cifar_resnet.errors import UserError
 
 LAST = "last.ckpt"
+# Hyper-parameters that say how to train or run a network, not what it is: a config may change them
+# between the run that wrote a checkpoint and the command that loads it.
+RUNTIME_SETTINGS = frozenset({
+    "optimizer", "lr_scheduler", "channels_last", "compile", "weights", "weights_path",
+    # Training-only techniques, and test-time augmentation, which evaluation may switch on or off.
+    "label_smoothing", "weight_decay_norm_and_bias", "tta",
+})
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
@@ -41,8 +52,49 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             "another checkpoint of the run (the best one, or an earlier copy), or start again."
         ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise UserError(f"'{path}' is not a Lightning checkpoint of this program (it has no 'state_dict').")
+        raise UserError(
+            f"'{path}' is not a Lightning checkpoint of this program (it has no 'state_dict'; a bare state dict "
+            "or weights file is not enough). Pass a checkpoint from a run's checkpoints/ folder."
+        )
     return checkpoint
+
+
+def check_checkpoint_fits(module: LightningModule, checkpoint: Mapping[str, Any], path: str | None = None) -> None:
+    """Refuse, with one clear paragraph, a checkpoint of another model class, another version of this
+    program, other settings than the config's (``num_classes``, ``dropout``, ...), or other weight shapes.
+
+    Settings in :data:`RUNTIME_SETTINGS` may differ: the config's values are used.
+    """
+    name = f" '{path}'" if path else ""
+    fix = "Use the config the checkpoint was trained with (config.yaml in its run folder)."
+    trained = checkpoint.get("hyper_parameters") or {}
+    kind = str(trained.get("_class_path", "")).rsplit(".", 1)[-1]
+    if kind and kind != type(module).__name__:
+        raise UserError(
+            f"The checkpoint{name} holds a {kind}, but the config asks for a {type(module).__name__}. {fix[:-1]}, "
+            "or the recipe in configs/ for that model."
+        )
+    theirs = {k: v for k, v in trained.items() if not k.startswith("_")}
+    ours = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    if theirs and theirs.keys() != ours.keys():
+        extra, missing = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+        raise UserError(
+            f"The checkpoint{name} was written by another version of this program: "
+            + "; ".join(f"{label}: {', '.join(keys)}" for label, keys in (("settings unknown here", extra), ("settings it lacks", missing)) if keys)
+            + ". Load it with the version of cifar-resnet that wrote it."
+        )
+    differ = sorted(k for k in theirs if k not in RUNTIME_SETTINGS and theirs[k] != ours[k])
+    if differ:
+        raise UserError(
+            f"The checkpoint{name} was trained with {', '.join(f'{k}={theirs[k]!r}' for k in differ)}, but the config "
+            f"says {', '.join(f'{k}={ours[k]!r}' for k in differ)}. {fix}"
+        )
+    details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if details:
+        raise UserError(
+            f"The checkpoint{name} holds the weights of {kind or 'another model'}, which do not fit "
+            f"{type(module).__name__} ({details}). {fix}"
+        )
 
 
 def _first_line(err: BaseException) -> str:
@@ -57,19 +109,63 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     The rename is atomic within a folder, so a kill at any moment leaves either the old file or the
     new one, never a torn one; a stale ``.tmp`` file is all an interrupted save can leave behind.
     """
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call ``write`` on a binary file beside ``path``, flush it to disk, then rename it over ``path``.
+
+    The file gets the permissions the umask gives new files (``mkstemp`` alone would make it 0600).
+    A full disk or a missing permission is a :class:`UserError` that names the file and says the
+    previous file is intact.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise UserError(write_error_message(err, path)) from err
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
+            raise UserError(write_error_message(err, path)) from err
         raise
     _fsync_dir(path.parent)
+
+
+# What stops a write, and what the user can do about it.
+WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
+
+
+def write_error_message(err: OSError, path: Path) -> str:
+    """One paragraph for a write to ``path`` that failed with ``err``."""
+    reason = WRITE_ERRORS.get(err.errno or 0, err.strerror or str(err))
+    fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you may write to"
+    return (
+        f"Cannot write '{path}': {reason} (in the folder '{path.parent}'). Any earlier file of that name and the "
+        f"checkpoints written before are intact; {fix} (or set `trainer.logger.init_args.save_dir`), then run the "
+        "command again (`--ckpt_path last` resumes a fit)."
+    )
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -112,9 +208,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def find_last_checkpoint(experiment_dir: str | Path) -> Path | None:
-    """The newest ``<version>/checkpoints/last.ckpt`` of a logger's experiment folder, if any."""
-    candidates = list(Path(experiment_dir).glob(f"*/checkpoints/{LAST}"))
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    """The newest complete checkpoint in ``<version>/checkpoints/`` of a logger's experiment folder, if any.
+
+    Usually a run's ``last.ckpt``; but if a kill lands while a ``last.ckpt`` is being written (after the
+    epoch's best checkpoint), the best checkpoint is newer and holds the same training state. Writes are
+    atomic, so every ``*.ckpt`` is complete.
+    """
+    candidates = list(Path(experiment_dir).glob("*/checkpoints/*.ckpt"))
+    # On equal times last.ckpt wins (both hold the same step).
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST)) if candidates else None
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Writes ``checkpoints/last.ckpt`` at the end of every epoch, whatever the monitored metric does.
+
+    Lightning 2.6's ``ModelCheckpoint(monitor=..., save_last=True)`` refreshes ``last.ckpt`` only in
+    epochs where the metric improved, so a run whose metric stalls would resume from an old epoch.
+    The CLI adds this callback to every run; it turns ``save_last`` off on the other checkpoint
+    callbacks, so that ``last.ckpt`` has one writer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename=LAST.removesuffix(".ckpt"), save_top_k=1, enable_version_counter=False)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Find the checkpoint folder, and be the only writer of ``last.ckpt``."""
+        super().setup(trainer, pl_module, stage)
+        for callback in trainer.checkpoint_callbacks:
+            if callback is not self:
+                callback.save_last = False
+
+
+class RandomStates(Callback):
+    """Keeps the random generators' states in every checkpoint and restores them on resume, so a
+    resumed run draws the same flips and dropout masks as an uninterrupted one."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The generators' states (saved into the checkpoint)."""
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Restore the generators' states from a checkpoint."""
+        set_rng_states(state_dict)
 
 
 def state_dict_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Any]) -> str:

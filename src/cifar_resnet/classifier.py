@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_resnet.checkpointing import rng_states, set_rng_states, state_dict_mismatch
+from cifar_resnet.checkpointing import check_checkpoint_fits
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
 from cifar_resnet.schedules import WarmupDecayLR
@@ -152,22 +152,9 @@ class ImageClassifier(LightningModule, ABC):
         probs, classes = logits.float().softmax(dim=-1).topk(5, dim=-1)
         return {"classes": classes, "probs": probs}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the random generators' states, so a resumed run draws the same flips and dropout masks."""
-        checkpoint["rng_states"] = rng_states()
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another network with a short message (not a page of key names)."""
-        details = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
-        if details:
-            kind = checkpoint.get("hyper_parameters", {}).get("_class_path", "another model")
-            path = getattr(self._trainer, "ckpt_path", None)
-            raise UserError(
-                f"The checkpoint{f' {path!r}' if path else ''} holds the weights of {kind}, which do not fit "
-                f"{type(self).__name__} ({details}). "
-                "Use the config the checkpoint was trained with (config.yaml in its run folder)."
-            )
-        set_rng_states(checkpoint.get("rng_states", {}))
+        """Refuse a checkpoint of another model, version or settings with a short message."""
+        check_checkpoint_fits(self, checkpoint, getattr(self._trainer, "ckpt_path", None))
 
     def configure_optimizers(self) -> Any:
         """The optimizer and LR scheduler given in the config (see ``lr_scheduler`` for when it steps)."""

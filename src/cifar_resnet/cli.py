@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from cifar_resnet.callbacks import StopChildProcessesOnError
-from cifar_resnet.checkpointing import find_last_checkpoint, read_checkpoint
+from cifar_resnet.callbacks import RunFolderLock, StopChildProcessesOnError
+from cifar_resnet.checkpointing import (
+    LAST,
+    WRITE_ERRORS,
+    LastCheckpoint,
+    RandomStates,
+    atomic_write,
+    find_last_checkpoint,
+    write_error_message,
+)
 from cifar_resnet.classifier import ImageClassifier
 from cifar_resnet.data import CIFAR100DataModule
+from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
 
 # Lightning messages that do not apply to this program or that a user cannot act on. Each is a
@@ -58,11 +72,117 @@ def silence_known_warnings() -> None:
 
 # Loggers whose folders are <save_dir>/<name>/<version>/ and whose ``version`` may be a folder name.
 VERSIONED_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.CSVLogger")
+MAX_SEED = 2**32 - 1
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a command; ``code`` is the conventional exit status (128 + signal)."""
+
+    def __init__(
+        self, signum: signal.Signals, subcommand: str | None, epoch: int | None, checkpoint: Path | None, quiet: bool = False
+    ) -> None:
+        super().__init__(signum.name)
+        self.signum, self.subcommand, self.epoch, self.checkpoint = signum, subcommand, epoch, checkpoint
+        self.code = 128 + int(signum)
+        self.quiet = quiet  # DDP ranks other than 0 leave the talking to rank 0
+
+    def message(self, argv: list[str]) -> str:
+        """One line: what stopped, and the command that resumes (or repeats) it."""
+        stopped = f"cifar-resnet: {self.subcommand or 'the command'} stopped by {self.signum.name}"
+        if self.subcommand != "fit":
+            return f"{stopped}; nothing to resume, run the command again."
+        if self.checkpoint is None:
+            return f"{stopped} in epoch {self.epoch} before any checkpoint was written; run the same command again to start over."
+        command = shlex.join(["cifar-resnet", *_without_ckpt_path(argv), "--ckpt_path", str(self.checkpoint)])
+        return f"{stopped} in epoch {self.epoch}, which starts again on resume. Resume from {self.checkpoint} with: {command}"
+
+
+def _without_ckpt_path(argv: list[str]) -> list[str]:
+    """``argv`` less any ``--ckpt_path X`` or ``--ckpt_path=X``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return kept
+
+
+class SaveConfigSafely(SaveConfigCallback):
+    """Writes the run's ``config.yaml`` atomically, and never lets a failed ``fit`` replace a run's config.
+
+    ``test``, ``validate`` and ``predict`` write theirs at setup, into their own new version folder.
+    A ``fit`` writes it when training starts in a new folder; when resuming into a folder that has one,
+    only once an epoch has been checkpointed, so a resume that fails (a checkpoint that does not fit,
+    a full disk) leaves the run's ``config.yaml`` as it was.
+    """
+
+    _first_epoch = 0  # the epoch this command's training started in
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            self._save(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._first_epoch = trainer.current_epoch
+        path = self._path(trainer)
+        exists = trainer.is_global_zero and path.is_file()
+        if not trainer.strategy.broadcast(exists):
+            self._save(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Checkpoints are written at the end of an epoch, after every other callback's hook.
+        if trainer.current_epoch > self._first_epoch:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._save(trainer)
+
+    def _path(self, trainer: Trainer) -> Path:
+        """``config.yaml`` in the run's folder (every process must call this: it broadcasts)."""
+        return Path(trainer.log_dir or ".") / self.config_filename
+
+    def _save(self, trainer: Trainer) -> None:
+        """Write the config once, by rank 0, to a temporary file renamed over ``config.yaml``."""
+        if self.already_saved:
+            return
+        path = self._path(trainer)
+        if trainer.is_global_zero:
+            text = self.parser.dump(self.config, skip_none=False)
+            atomic_write(path, lambda f: f.write(text.encode()))
+        self.already_saved = True
 
 
 class CifarCLI(LightningCLI):
-    """LightningCLI that resumes a run in its own folder, reports bad input as one short error, and
-    whose ``test`` prints only the TestReport (not also Lightning's metric table)."""
+    """LightningCLI that resumes a run in its own folder, reports bad input as one short error, ends
+    Ctrl-C and SIGTERM with the command that resumes, and whose ``test`` prints only the TestReport."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        except KeyboardInterrupt:  # before or after the Trainer ran
+            raise self._interrupted(signal.SIGINT) from None
+        except SystemExit as exit_:
+            # Lightning 2.6 ends a run on SIGTERM with SIGTERMException, a SystemExit with code 0, and
+            # one on Ctrl-C with sys.exit(1) inside its KeyboardInterrupt handler.
+            if isinstance(exit_, SIGTERMException):
+                raise self._interrupted(signal.SIGTERM) from None
+            if isinstance(exit_.__context__, KeyboardInterrupt):
+                raise self._interrupted(signal.SIGINT) from None
+            raise
+
+    def _interrupted(self, signum: signal.Signals) -> Interrupted:
+        """What to tell the user: the epoch that stopped and the newest checkpoint of the run."""
+        trainer = getattr(self, "trainer", None)
+        subcommand = getattr(self, "subcommand", None)
+        if trainer is None:
+            return Interrupted(signum, subcommand, None, None)
+        folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath}
+        found = [p for folder in folders for p in folder.glob("*.ckpt")]
+        newest = max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST)) if found else None
+        return Interrupted(signum, subcommand, trainer.current_epoch, newest, quiet=not trainer.is_global_zero)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """A parser that raises on bad arguments (``main`` prints them) instead of printing a page of usage."""
@@ -70,44 +190,57 @@ class CifarCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, let ``deterministic`` win over ``benchmark``, and check ``--ckpt_path`` before Lightning reads it."""
+        """Parse, let ``deterministic`` win over ``benchmark``, check values Lightning would take badly,
+        and decide the run folder."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
-            trainer = self.config[subcommand].trainer
+            config = self.config[subcommand]
+            trainer = config.trainer
             if trainer.get("deterministic") and trainer.get("benchmark"):
                 # The recipes autotune cuDNN, which would make `deterministic: true` silently non-deterministic.
                 trainer.benchmark = False
-            self._resolve_checkpoint(subcommand, self.config[subcommand])
+            _check_values(config)
+            self._resolve_run(subcommand, config)
 
-    def _resolve_checkpoint(self, subcommand: str, config: Namespace) -> None:
-        """Turn ``last`` into the run's newest ``last.ckpt``, check the file, and continue its run's logs."""
+    def _parse_ckpt_path(self) -> None:
+        """Leave the config as given.
+
+        Lightning 2.6's LightningCLI loads the ``--ckpt_path`` checkpoint here (always with
+        ``weights_only=True``, whatever ``--weights_only`` says) and silently replaces the config's model
+        settings by the checkpoint's. This program keeps the config and checks the checkpoint against
+        it in one place, when the Trainer loads it (:func:`checkpointing.check_checkpoint_fits`).
+        """
+
+    def _resolve_run(self, subcommand: str, config: Namespace) -> None:
+        """Turn ``last`` into the run's newest checkpoint and continue that run's folder; any other
+        command writes a new version folder, never into an existing one."""
         if config.get("weights_only") is None:
             config.weights_only = True
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in ("best", "hpc"):
+        logger = config.trainer.get("logger")
+        experiment = _experiment_dir(logger)
+        if experiment is None:
             return
-        experiment = _experiment_dir(config.trainer.get("logger"))
+        init_args = logger.init_args
+        pinned = init_args.get("version")
+        if pinned is not None and (experiment / str(pinned)).exists():
+            # A run's config.yaml pins its version: a new command must not write into that run.
+            init_args.version = None
+        ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
-            found = find_last_checkpoint(experiment) if experiment else None
+            found = find_last_checkpoint(experiment)
             if found is None:
                 if subcommand != "fit":
-                    raise UserError(f"`--ckpt_path last`: no {experiment or 'run'}/*/checkpoints/last.ckpt to {subcommand}.")
-                return  # as Lightning does: a first run with `--ckpt_path last` starts from scratch
+                    raise UserError(f"`--ckpt_path last`: no {experiment}/*/checkpoints/*.ckpt to {subcommand}.")
+                config.ckpt_path = None  # as Lightning does: a first run with `--ckpt_path last` starts from scratch
+                return
             config.ckpt_path = ckpt_path = str(found)
-        checkpoint = read_checkpoint(ckpt_path, weights_only=config.weights_only)
-        wanted = config.get("model", {}).get("class_path")
-        trained = checkpoint.get("hyper_parameters", {}).get("_class_path")
-        if wanted and trained and wanted != trained:
-            raise UserError(
-                f"The checkpoint '{ckpt_path}' holds a {trained.rsplit('.', 1)[-1]}, but the config asks for a "
-                f"{wanted.rsplit('.', 1)[-1]}. Use the config the checkpoint was trained with: config.yaml in its run "
-                "folder, or the recipe in configs/ for that model."
-            )
+        if subcommand != "fit" or not ckpt_path or ckpt_path in ("best", "hpc"):
+            return
         run_dir = Path(ckpt_path).resolve().parent.parent
-        if subcommand == "fit" and experiment and run_dir.parent == experiment.resolve():
+        if run_dir.parent == experiment.resolve():
             # Resuming: write logs and checkpoints into the run's own folder, not in a new version_N+1.
-            config.trainer.logger.init_args.version = run_dir.name
+            init_args.version = run_dir.name
             # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
 
@@ -118,12 +251,48 @@ class CifarCLI(LightningCLI):
         except MisconfigurationException as err:
             raise UserError(f"Invalid trainer settings: {err}") from err
 
+    def after_instantiate_classes(self) -> None:
+        """Check what only the built model and data can tell, before any work starts."""
+        if self.subcommand is None:
+            return
+        num_classes = self.model.hparams.get("num_classes")
+        if isinstance(self.datamodule, CIFAR100DataModule) and num_classes != NUM_CLASSES:
+            raise UserError(
+                f"model.init_args.num_classes is {num_classes}, but CIFAR-100 has {NUM_CLASSES} classes. "
+                f"Set `--model.init_args.num_classes {NUM_CLASSES}`."
+            )
+        optimizer, scheduler = getattr(self.model, "optimizer", None), getattr(self.model, "lr_scheduler", None)
+        if callable(optimizer):
+            try:  # on a stand-in parameter: torch checks the values when the optimizer is built
+                probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+                if callable(scheduler):
+                    scheduler(probe)
+            except (ValueError, TypeError) as err:
+                raise UserError(f"Invalid optimizer or LR scheduler settings: {err}") from err
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """The subcommand's parser, with ``--verbose false`` as the default of ``test``."""
+        # Lightning 2.6 has no public hook that knows which subcommand a parser is for.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "test":
             parser.set_defaults(verbose=False)
         return parser
+
+
+def _check_values(config: Namespace) -> None:
+    """Refuse values that Lightning or torch would only trip over later, with a traceback."""
+    seed = config.get("seed_everything")
+    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed_everything must lie in [0, {MAX_SEED}] (2^32 - 1), got {seed}.")
+    steps = config.trainer.get("log_every_n_steps")
+    if steps is not None and steps < 1:
+        raise UserError(f"trainer.log_every_n_steps must be a positive number of steps, got {steps}.")
+    logger = config.trainer.get("logger")
+    save_dir = logger.get("init_args", Namespace()).get("save_dir") if isinstance(logger, Namespace) else None
+    if save_dir:
+        for folder in (Path(save_dir), *Path(save_dir).parents):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"trainer.logger.init_args.save_dir is '{save_dir}', but '{folder}' is a file. Give a folder.")
 
 
 def _experiment_dir(logger: Any) -> Path | None:
@@ -143,33 +312,67 @@ def run(args: ArgsType = None) -> LightningCLI:
         datamodule_class=CIFAR100DataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
+        save_config_callback=SaveConfigSafely,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [StopChildProcessesOnError()]},
+        trainer_defaults={
+            "callbacks": [LastCheckpoint(), RandomStates(), RunFolderLock(), StopChildProcessesOnError()],
+        },
         args=args,
     )
 
 
 def main(args: ArgsType = None) -> None:
     """Entry point of ``cifar-resnet``: :func:`run`, with user mistakes reported as one clear paragraph."""
+    _drop_working_folder_from_path()
     try:
         run(args)
     except ArgumentError as err:
         print(f"cifar-resnet: error: {err}\nSee `cifar-resnet <subcommand> --help` for the options.", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as stop:
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
+        if not stop.quiet:
+            print(stop.message(argv), file=sys.stderr, flush=True)
+        raise SystemExit(stop.code) from None
     except Exception as err:
-        user_error = _find_user_error(err)
-        if user_error is None:
+        message = _user_message(err)
+        if message is None:
             raise
-        print(f"cifar-resnet: error: {user_error}", file=sys.stderr)
+        print(f"cifar-resnet: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _find_user_error(err: BaseException | None) -> UserError | None:
-    """``err`` or the :class:`UserError` it was raised from (jsonargparse wraps errors of the classes it builds)."""
+def _drop_working_folder_from_path() -> None:
+    """Keep modules in the working folder from being imported (a config's ``class_path`` could name
+    one): ``python -m`` puts that folder first on ``sys.path``. ``PYTHONPATH=.`` still adds it on purpose."""
+    cwd = os.getcwd()
+    asked = any(os.path.abspath(p or ".") == cwd for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    if sys.path and os.path.abspath(sys.path[0] or ".") == cwd and not asked:
+        del sys.path[0]
+
+
+def _user_message(err: BaseException | None) -> str | None:
+    """The message of the :class:`UserError` that ``err`` is or was raised from (jsonargparse wraps errors
+    of the classes it builds), or of a file-system error a user can fix; ``None`` for anything else."""
     seen = set()
+    os_error = None
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
-            return err
+            return str(err)
+        if isinstance(err, OSError) and os_error is None and err.filename:
+            os_error = err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
+    if os_error is None:
+        return None
+    name = os_error.filename
+    if os_error.errno in WRITE_ERRORS and os_error.errno not in (errno.EACCES, errno.EPERM):
+        return write_error_message(os_error, Path(name))
+    if os_error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"Permission denied: '{name}'. Check that you may read the data (`data.data_dir`) and write into "
+            "the runs folder (`trainer.logger.init_args.save_dir`)."
+        )
+    if os_error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"'{name}': {os_error.strerror}. A file stands where a folder is expected, or the other way round."
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import tarfile
 import zlib
@@ -23,22 +24,73 @@ MEMBERS = ("train", "test", "meta")
 NUM_CLASSES = 100
 NUM_SUPERCLASSES = 20
 
-# The only globals the official pickles need: numpy arrays and their dtypes. The files were
-# written by numpy 1.x ("numpy.core"); numpy 2 renamed the package to "numpy._core".
-_reconstruct = np.array(0).__reduce__()[0]
+# The most each member of the official archive can hold (they hold 157 MB, 31 MB and 1.5 kB): a larger
+# file is not the official one, and is refused before it is read into memory.
+MAX_MEMBER_BYTES = {"train": 200 * 2**20, "test": 50 * 2**20, "meta": 2**20}
+MAX_NAME_LENGTH = 200
+
+
+class _DType:
+    """Stands in for ``numpy.dtype``: only ``uint8`` (``'u1'``), the official files' one dtype, is accepted."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
+        if name != "u1":
+            raise pickle.UnpicklingError(f"refusing dtype {name!r}: CIFAR-100 files hold only uint8 arrays")
+
+    def __setstate__(self, state: Any) -> None:
+        """Byte order and flags: uint8 has none that matter, so they are not used."""
+
+
+class _Array:
+    """Stands in for a numpy array while unpickling; holds the uint8 array once its bytes are checked.
+
+    numpy itself never sees the file's values: an array is built here, with ``np.frombuffer``, only from
+    a shape of plain ints and a byte string of exactly that many bytes.
+    """
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        """Check ``(version, shape, dtype, fortran_order, raw bytes)`` and build the array."""
+        if type(state) is not tuple or len(state) != 5:
+            raise pickle.UnpicklingError("malformed array")
+        _, shape, dtype, fortran, raw = state
+        if type(shape) is not tuple or len(shape) > 4 or not all(type(n) is int and 0 <= n <= 2**31 for n in shape):
+            raise pickle.UnpicklingError("malformed array shape")
+        if not isinstance(dtype, _DType) or fortran is not False or type(raw) not in (str, bytes):
+            raise pickle.UnpicklingError("malformed array: only plain uint8 arrays are accepted")
+        if isinstance(raw, str):  # Python 2 byte strings arrive decoded as latin-1
+            raw = raw.encode("latin1")
+        if len(raw) != math.prod(shape):
+            raise pickle.UnpicklingError(f"array of shape {shape} with {len(raw)} bytes")
+        self.array = np.frombuffer(bytearray(raw), dtype=np.uint8).reshape(shape)
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+    """Stands in for ``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')``."""
+    if cls is not _NDARRAY:
+        raise pickle.UnpicklingError("malformed array")
+    return _Array()
+
+
+_NDARRAY = object()  # what ``numpy.ndarray`` unpickles to: only a marker for _reconstruct
+# The only globals the official pickles name, each mapped to a stand-in. The files were written by
+# numpy 1.x ("numpy.core"); numpy 2 writes "numpy._core".
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DType,
 }
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that builds only plain containers and numpy arrays, so a file cannot run code."""
+    """An unpickler that builds only plain values and checked uint8 arrays, so a file cannot run code
+    nor hand numpy anything but bytes."""
 
     def find_class(self, module: str, name: str) -> Any:
-        """Return an allowed numpy global, refuse everything else."""
+        """Return the stand-in of an allowed numpy global, refuse everything else."""
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -54,14 +106,33 @@ def safe_unpickle(data: bytes, source: str) -> dict:
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as err:
         raise UserError(f"Cannot read {source}: {err}. Delete it and download the official archive again.") from err
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, RecursionError) as err:
         raise UserError(
             f"Cannot read {source}: the file is truncated or corrupt ({type(err).__name__}: {err}). "
             "Delete it and download the official archive again."
         ) from err
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise UserError(f"Cannot read {source}: expected a dict, found {type(obj).__name__}; this is not a CIFAR-100 file.")
     return obj
+
+
+def int_list(value: Any, source: str, name: str, count: int) -> torch.Tensor:
+    """``value`` as an int64 tensor, if it is a plain list of ``count`` ints (checked before numpy sees it)."""
+    if type(value) is not list or len(value) != count or not all(type(v) is int for v in value):
+        found = f"a list of {len(value)}" if type(value) is list else f"a {type(value).__name__}"
+        kinds = sorted({type(v).__name__ for v in value[:count + 1]}) if type(value) is list else []
+        raise UserError(
+            f"{source}: '{name}' must be a list of {count} integers (one per image), found {found}"
+            f"{' holding ' + ', '.join(kinds) if kinds else ''}. The file is not an official CIFAR-100 split."
+        )
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def name_list(value: Any, source: str, name: str, count: int) -> list[str]:
+    """``value`` if it is a plain list of ``count`` short strings."""
+    if type(value) is not list or len(value) != count or not all(type(v) is str and len(v) <= MAX_NAME_LENGTH for v in value):
+        raise UserError(f"'{source}' (meta): '{name}' must list {count} names (strings); this is not the CIFAR-100 meta file.")
+    return list(value)
 
 
 @dataclass
@@ -110,6 +181,8 @@ def missing_data_message(data_dir: Path) -> str:
 def read_members(source: Path) -> dict[str, bytes]:
     """The raw bytes of ``train``, ``test`` and ``meta`` from the folder or the ``.tar.gz``."""
     if source.is_dir():
+        for m in MEMBERS:
+            _check_size(source / m, (source / m).stat().st_size, m)
         return {m: (source / m).read_bytes() for m in MEMBERS}
     try:
         with tarfile.open(source, "r:gz") as tar:
@@ -120,7 +193,11 @@ def read_members(source: Path) -> dict[str, bytes]:
                     f"The archive '{source}' lacks {', '.join(missing)}: it is not the official CIFAR-100 archive. "
                     f"Delete it and download {URL} again."
                 )
+            for m in MEMBERS:
+                _check_size(source, names[m].size, m)
             return {m: tar.extractfile(names[m]).read() for m in MEMBERS}
+    except PermissionError:
+        raise  # not damage: main() says "permission denied"
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise UserError(
             f"The archive '{source}' is truncated or corrupt ({err}). Delete it and download {URL} again "
@@ -128,30 +205,36 @@ def read_members(source: Path) -> dict[str, bytes]:
         ) from err
 
 
+def _check_size(source: Path, size: int, member: str) -> None:
+    """Refuse a member larger than the official one could be, before reading it."""
+    if size > MAX_MEMBER_BYTES[member]:
+        raise UserError(
+            f"'{source}' ({member}) is {size:,} bytes, more than the official file's {MAX_MEMBER_BYTES[member]:,} at "
+            f"most: it is not the official CIFAR-100 archive. Delete it and download {URL} again."
+        )
+
+
 def _split(raw: dict, source: str) -> Split:
     """Check one unpickled split and turn it into tensors."""
     for key in ("data", "fine_labels", "coarse_labels"):
         if key not in raw:
             raise UserError(f"{source} has no '{key}' entry: it is not a CIFAR-100 split file.")
-    data = raw["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+    data = raw["data"].array if isinstance(raw["data"], _Array) else None
+    if data is None or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         shape = getattr(data, "shape", None)
-        dtype = getattr(data, "dtype", type(data).__name__)
         raise UserError(
-            f"{source}: 'data' must be a uint8 array of shape (N, 3072), found shape {shape} and dtype {dtype}. "
-            "The file is not an official CIFAR-100 split; download the archive again."
+            f"{source}: 'data' must be a uint8 array of shape (N, 3072), found shape {shape} "
+            f"({type(raw['data']).__name__.strip('_')}). The file is not an official CIFAR-100 split; download the archive again."
         )
-    labels = torch.as_tensor(np.asarray(raw["fine_labels"], dtype=np.int64))
-    coarse = torch.as_tensor(np.asarray(raw["coarse_labels"], dtype=np.int64))
+    labels = int_list(raw["fine_labels"], source, "fine_labels", len(data))
+    coarse = int_list(raw["coarse_labels"], source, "coarse_labels", len(data))
     for name, values, limit in (("fine_labels", labels, NUM_CLASSES), ("coarse_labels", coarse, NUM_SUPERCLASSES)):
-        if values.shape != (len(data),):
-            raise UserError(f"{source}: '{name}' has {values.numel()} entries for {len(data)} images.")
         if len(values) and (values.min() < 0 or values.max() >= limit):
             raise UserError(
                 f"{source}: '{name}' must lie in [0, {limit - 1}], found values from {int(values.min())} to "
                 f"{int(values.max())}. The file is not an official CIFAR-100 split."
             )
-    images = torch.from_numpy(np.ascontiguousarray(data)).view(-1, 3, 32, 32)
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)
     return Split(images=images, labels=labels, coarse_labels=coarse)
 
 
@@ -159,14 +242,11 @@ def load_cifar100(source: Path) -> Cifar100:
     """Read and check the archive at ``source`` (the extracted folder or the ``.tar.gz``)."""
     raw = {m: safe_unpickle(data, f"'{source}' ({m})") for m, data in read_members(source).items()}
     meta = raw["meta"]
-    for key, count in (("fine_label_names", NUM_CLASSES), ("coarse_label_names", NUM_SUPERCLASSES)):
-        if len(meta.get(key, ())) != count:
-            raise UserError(f"'{source}' (meta): '{key}' must list {count} names; this is not the CIFAR-100 meta file.")
     return Cifar100(
         train=_split(raw["train"], f"'{source}' (train)"),
         test=_split(raw["test"], f"'{source}' (test)"),
-        class_names=list(meta["fine_label_names"]),
-        superclass_names=list(meta["coarse_label_names"]),
+        class_names=name_list(meta.get("fine_label_names"), str(source), "fine_label_names", NUM_CLASSES),
+        superclass_names=name_list(meta.get("coarse_label_names"), str(source), "coarse_label_names", NUM_SUPERCLASSES),
     )
 
 

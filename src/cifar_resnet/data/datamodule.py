@@ -178,6 +178,10 @@ class CIFAR100DataModule(LightningDataModule):
             raise UserError(f"crop_padding must lie in [0, 31] (pixels of a 32x32 image), got {crop_padding}.")
         if val_size < 0:
             raise UserError(f"val_size must be 0 or more, got {val_size}.")
+        if output_size > 1024:
+            raise UserError(f"output_size must be at most 1024 (ImageNet models take 224), got {output_size}.")
+        if num_workers < 0:
+            raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
         if data_on_device and num_workers:
             raise UserError("data_on_device: true needs num_workers: 0 (worker processes cannot slice GPU tensors).")
         self.data_dir = Path(data_dir)
