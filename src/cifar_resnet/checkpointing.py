@@ -117,20 +117,6 @@ def find_last_checkpoint(experiment_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
-def state_dict_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Any]) -> str:
-    """Missing, unexpected and wrongly shaped keys of ``found`` against ``expected``; '' if they match."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(
-        k for k in set(expected) & set(found) if getattr(found[k], "shape", None) != getattr(expected[k], "shape", None)
-    )
-    return "; ".join(
-        f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        if keys
-    )
-
-
 def rng_states() -> dict[str, Tensor]:
     """The CPU and current CUDA device's random generator states, as tensors (``weights_only``-safe).
 

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_resnet.checkpointing import rng_states, set_rng_states, state_dict_mismatch
+from cifar_resnet.checkpointing import rng_states, set_rng_states
 from cifar_resnet.errors import UserError
-from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
+from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar, state_dict_mismatch
 
 STAGES = ("train", "val", "test")
 
