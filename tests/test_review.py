@@ -195,7 +195,7 @@ def test_predict_on_a_folder_of_images_writes_the_top5_csv(reviewed: ReviewedRun
     output = reviewed.cwd / "predictions.csv"
     proc = run_cli(
         "predict", "--config", CONFIG, *reviewed.args, "--ckpt_path", str(reviewed.best),
-        "--data.predict_path", str(reviewed.cwd / "photos"), "--data.predict_output", str(output), cwd=reviewed.cwd,
+        "--data.predict_path", str(reviewed.cwd / "photos"), "--prediction.output", str(output), cwd=reviewed.cwd,
     )  # fmt: skip
     assert f"to {output}" in proc.stdout
     with output.open() as file:
