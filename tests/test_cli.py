@@ -52,14 +52,19 @@ def test_finetune_fit_uses_the_weights_file_then_tests(cifar_dir: Path, resnet18
     assert "test/top1" in proc.stdout
 
 
-def test_lr_drops_at_the_milestone(cifar_dir: Path, tmp_path: Path) -> None:
+def test_lr_drops_at_the_milestone_epoch_not_step(cifar_dir: Path, tmp_path: Path) -> None:
+    # 2 steps per epoch and the milestone at 2: stepped per epoch (the seed's MultiStepLR), the LR drops
+    # before the third epoch; stepped per optimizer step it would drop before the second.
     run_cli(
         "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
-        "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1",
-        "--model.init_args.lr_scheduler.init_args.milestones", "[1]", cwd=tmp_path,
+        "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+        "--model.init_args.lr_scheduler.init_args.milestones", "[2]", cwd=tmp_path,
     )  # fmt: skip
     lrs = [value for _, value in read_scalars(tmp_path / "runs")["train/lr"]]
-    assert lrs == pytest.approx([1e-3, 1e-4, 1e-4])
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4])
+    last = torch.load(tmp_path / "runs" / "scratch" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6, "3 epochs of 2 batches each"
+    assert last["lr_schedulers"][0]["last_epoch"] == 3 and last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
 def test_ddp_two_cpu_processes_train_and_write_once(cifar_dir: Path, tmp_path: Path) -> None:

@@ -15,12 +15,13 @@ BATCH = 10
 
 
 def fit_a_few_images(recipe: str, data_dir: Path, log_dir: Path, model_class: str | None, extra: list[str]) -> dict:
-    """Fit the recipe for STEPS epochs of one batch on the same BATCH training images; validate once at the end."""
+    """Fit the recipe for STEPS epochs of one batch on the same BATCH training images; validate twice BATCH images
+    at the end (`limit_val_batches 1` would mean all of them)."""
     args = [
         "fit", "--config", str(CONFIGS / recipe), *tiny_args(data_dir, log_dir),
         "--data.val_size", str(600 - BATCH), "--data.batch_size", str(BATCH), "--data.eval_batch_size", str(BATCH),
         "--trainer.max_epochs", str(STEPS), "--trainer.check_val_every_n_epoch", str(STEPS),
-        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1", "--trainer.limit_val_batches", "2",
         # bf16 autocast is slow on a CPU; the recipe's optimizer, schedule and flips are unchanged.
         "--trainer.precision", "32-true", *extra,
     ]  # fmt: skip
