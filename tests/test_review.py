@@ -348,7 +348,7 @@ def test_the_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
 
     path = tmp_path / "p.csv"
     write_csv_atomically(path, [["file", "class_1"], ["a.png", "-1"]])
-    assert path.read_text() == "file,class_1\r\na.png,-1\r\n"
+    assert path.read_bytes() == b"file,class_1\r\na.png,-1\r\n"
 
     def rows_that_fail():
         yield ["file", "class_1"]
@@ -356,7 +356,7 @@ def test_the_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
 
     with pytest.raises(OSError):
         write_csv_atomically(path, rows_that_fail())
-    assert path.read_text() == "file,class_1\r\na.png,-1\r\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
+    assert path.read_bytes() == b"file,class_1\r\na.png,-1\r\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
 
 
 def test_validate_prints_the_report_on_its_own_lines_after_the_bar(reviewed: ReviewedRun) -> None:
@@ -402,6 +402,6 @@ def test_the_command_introduces_itself() -> None:
     for subcommand in ("fit", "validate", "test", "predict"):
         assert re.search(rf"^    {subcommand}\s+[A-Z].*", proc.stdout, re.MULTILINE)
     assert re.fullmatch(r"cifar-resnet \d+\.\d+\.\d+\S*\n", run_cli("--version", cwd=ROOT).stdout)
-    fit_help = run_cli("fit", "--help", cwd=ROOT).stdout
+    fit_help = " ".join(run_cli("fit", "--help", cwd=ROOT).stdout.split())
     assert "--model.help ScratchResNet" in fit_help and "README.md" in fit_help
-    assert "'last' for the newest" in " ".join(fit_help.split()) and "cannot run code" in " ".join(fit_help.split())
+    assert "'last' for the newest" in fit_help and "cannot run code" in fit_help
