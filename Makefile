@@ -28,7 +28,7 @@ test: setup  ## the test suite (a few minutes on 2 CPU cores)
 SMOKE := smoke
 SMOKE_ARGS := --data.data_dir $(SMOKE)/data --data.download false --data.val_size 100 --data.batch_size 50 \
 	--data.eval_batch_size 100 --trainer.accelerator cpu --trainer.precision 32-true --trainer.max_epochs 2 \
-	--trainer.limit_train_batches 4 --trainer.limit_val_batches 1.0 --trainer.logger.init_args.save_dir $(SMOKE)/runs
+	--trainer.limit_train_batches 4 --trainer.logger.init_args.save_dir $(SMOKE)/runs
 
 smoke: setup  ## fit, test and predict on a generated archive, on the CPU, in about a minute
 	$(BIN)/python -c "from cifar_resnet.data.synthetic import write_synthetic_archive as w; w('$(SMOKE)/data', 600, 200)"

@@ -49,7 +49,9 @@ def to_8bit(image: Image.Image) -> Image.Image:
     if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
         return image
     values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
+    if image.mode == "I" and values.min() >= 0 and values.max() <= 255:
+        pass  # 8-bit values held in 32-bit integers
+    elif image.mode.startswith("I;16") or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
         values = values / 257  # 16 bits: 65535 -> 255, and an 8-bit image saved as 16 bits (x 257) comes back exactly
     elif image.mode == "F" and values.min() >= 0 and values.max() <= 1:
         values = values * 255
