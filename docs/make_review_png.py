@@ -40,7 +40,7 @@ def compose(run_dir: Path, output: Path, height: int = 1100) -> None:
     canvas.paste(matrix, (0, 0))
     canvas.paste(superclasses, (matrix.width, 0))
     canvas.paste(wrong, (matrix.width, superclasses.height))
-    canvas.save(output, optimize=True)
+    canvas.quantize(colors=256).save(output, optimize=True)  # a palette keeps the file small
 
 
 if __name__ == "__main__":

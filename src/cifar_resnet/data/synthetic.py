@@ -58,7 +58,7 @@ def class_patterns() -> np.ndarray:
     rng = np.random.default_rng(0)
     superclass = rng.integers(0, 256, size=(NUM_SUPERCLASSES, 3, 8, 8))
     own = rng.integers(0, 256, size=(NUM_CLASSES, 3, 8, 8))
-    return 0.5 * superclass[fine_to_coarse()] + 0.5 * own
+    return 0.7 * superclass[fine_to_coarse()] + 0.3 * own
 
 
 def synthetic_split(n: int, seed: int, name: bytes) -> dict:
@@ -67,7 +67,7 @@ def synthetic_split(n: int, seed: int, name: bytes) -> dict:
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % NUM_CLASSES
     rng.shuffle(labels)
-    images = class_patterns()[labels].repeat(4, axis=2).repeat(4, axis=3) + rng.normal(0, 30, size=(n, 3, 32, 32))
+    images = class_patterns()[labels].repeat(4, axis=2).repeat(4, axis=3) + rng.normal(0, 50, size=(n, 3, 32, 32))
     data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
     return {
         b"filenames": [f"synthetic_{i:05d}.png".encode() for i in range(n)],
