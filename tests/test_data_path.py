@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader
 
@@ -26,14 +27,16 @@ def test_a_batch_is_one_slice_of_the_split() -> None:
 
 def lightning_sharded_loader(dm: CIFAR100DataModule, rank: int) -> DataLoader:
     """The training loader as Lightning hands it to DDP process ``rank`` of 2: Lightning itself injects the
-    distributed sampler, as it does in ``fit`` (no processes are started)."""
+    distributed sampler, as it does in ``fit`` (no processes are started). Setting the rank also sets
+    Lightning's global ``rank_zero_only.rank``: the test puts it back afterwards."""
     trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
     trainer.strategy.cluster_environment.set_global_rank(rank)
     dm.trainer = trainer
     return trainer._data_connector._prepare_dataloader(dm.train_dataloader(), shuffle=True, mode=RunningStage.TRAINING)
 
 
-def test_each_ddp_rank_reads_its_own_shard_of_the_epoch_order(cifar_dir: Path) -> None:
+def test_each_ddp_rank_reads_its_own_shard_of_the_epoch_order(cifar_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # restored after the test
     dm = CIFAR100DataModule(data_dir=str(cifar_dir), val_size=100, batch_size=50)
     dm.setup("fit")
     loaders = [lightning_sharded_loader(dm, rank) for rank in range(2)]
@@ -57,6 +60,7 @@ def test_each_ddp_rank_reads_its_own_shard_of_the_epoch_order(cifar_dir: Path) -
         assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 500
         orders.append(shards)
     assert orders[0] != orders[1], "each epoch has a new order"
+    assert rank_zero_only.rank == 1, "the last loader was process 1's (put back to 0 after the test)"
 
 
 def test_data_on_device_keeps_the_splits_on_the_trainers_device(cifar_dir: Path) -> None:
