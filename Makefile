@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # local CPU-only torch wheel (as on some build machines) so both come from the index.
 PIP := PIP_FIND_LINKS=$(CURDIR)/$(VENV) $(BIN)/python -m pip
 
-.PHONY: setup train finetune test bench reproduce gpu-check tensorboard
+.PHONY: setup train finetune test smoke bench reproduce gpu-check tensorboard
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,21 @@ finetune: setup  ## fine-tune ImageNet ResNet18 at 224x224
 
 test: setup  ## the test suite (a few minutes on 2 CPU cores)
 	$(BIN)/pytest
+
+# A tiny CPU run of the whole flow on a generated archive (about a minute): fit, test, predict, TensorBoard.
+SMOKE := smoke
+SMOKE_ARGS := --data.data_dir $(SMOKE)/data --data.download false --data.val_size 100 --data.batch_size 50 \
+	--data.eval_batch_size 100 --trainer.accelerator cpu --trainer.precision 32-true --trainer.max_epochs 2 \
+	--trainer.limit_train_batches 4 --trainer.logger.init_args.save_dir $(SMOKE)/runs
+
+smoke: setup  ## fit, test and predict on a generated archive, on the CPU, in about a minute
+	$(BIN)/python -c "from cifar_resnet.data.synthetic import write_synthetic_archive as w; w('$(SMOKE)/data', 600, 200)"
+	$(BIN)/python -c "import numpy as n, pathlib as p; from PIL import Image; d = p.Path('$(SMOKE)/photos'); d.mkdir(exist_ok=True); \
+		[Image.fromarray(n.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=n.uint8)).save(d / f'photo{i}.png') for i in range(3)]"
+	$(BIN)/cifar-resnet fit --config configs/scratch.yaml $(SMOKE_ARGS)
+	$(BIN)/cifar-resnet test --config configs/scratch.yaml $(SMOKE_ARGS) --ckpt_path last
+	$(BIN)/cifar-resnet predict --config configs/scratch.yaml $(SMOKE_ARGS) --ckpt_path last --data.predict_path $(SMOKE)/photos
+	@echo "Now look at the run: $(BIN)/tensorboard --logdir $(SMOKE)/runs  (then open http://localhost:6006)"
 
 bench: setup  ## data-pipeline and training-throughput benchmark
 	$(BIN)/python bench/benchmark.py

@@ -47,19 +47,23 @@ def test_finetune_fit_uses_the_weights_file_then_tests(cifar_dir: Path, resnet18
     # Two SGD steps move the ImageNet weights only a little; a random init would be far away.
     assert (trained["net.conv1.weight"] - pretrained["conv1.weight"]).abs().max() < 1e-2
 
-    # Testing a checkpoint needs no ImageNet weights: the checkpoint has them.
-    proc = run_cli("test", "--config", config, *args, "--model.init_args.weights", "null", "--ckpt_path", str(last), cwd=tmp_path)
+    # Testing a checkpoint needs no ImageNet weights (the checkpoint has them): the recipe's `weights` stays,
+    # and nothing is downloaded (this machine is offline).
+    proc = run_cli("test", "--config", config, *args, "--ckpt_path", str(last), cwd=tmp_path)
     assert "test/top1" in proc.stdout
 
 
-def test_lr_drops_at_the_milestone(cifar_dir: Path, tmp_path: Path) -> None:
+def test_lr_drops_at_the_milestone_epoch_not_step(cifar_dir: Path, tmp_path: Path) -> None:
+    # 2 steps per epoch and the milestone at 2: stepped per epoch (the seed's MultiStepLR), the LR drops
+    # before the third epoch; stepped per optimizer step it would drop before the second.
     run_cli(
         "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
-        "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1",
-        "--model.init_args.lr_scheduler.init_args.milestones", "[1]", cwd=tmp_path,
+        "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
+        "--model.init_args.lr_scheduler.init_args.milestones", "[2]", "--trainer.log_every_n_steps", "1", cwd=tmp_path,
     )  # fmt: skip
-    lrs = [value for _, value in read_scalars(tmp_path / "runs")["train/lr"]]
-    assert lrs == pytest.approx([1e-3, 1e-4, 1e-4])
+    scalars = read_scalars(tmp_path / "runs")
+    assert [step for step, _ in scalars["train/loss_step"]] == list(range(6)), "3 epochs of 2 batches each"
+    assert [value for _, value in scalars["train/lr"]] == pytest.approx([1e-3, 1e-3, 1e-4])
 
 
 def test_ddp_two_cpu_processes_train_and_write_once(cifar_dir: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The batch path: slicing, DDP sharding through Lightning's sampler swap, and data_on_device."""
+"""The batch path: slicing, DDP sharding through Lightning's own sampler injection, and data_on_device."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities.data import _update_dataloader
-from torch.utils.data import DistributedSampler
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.trainer.states import RunningStage
+from torch.utils.data import DataLoader
 
 from cifar_resnet.data import CIFAR100DataModule
-from cifar_resnet.data.datamodule import TensorBatches
+from cifar_resnet.data.datamodule import EpochShuffle, TensorBatches
 
 
 def test_a_batch_is_one_slice_of_the_split() -> None:
@@ -22,25 +25,42 @@ def test_a_batch_is_one_slice_of_the_split() -> None:
     assert batch_images[:, 0, 0, 0].tolist() == [7, 2, 2, 9] and batch_images.shape == (4, 3, 32, 32)
 
 
-def test_each_ddp_rank_reads_its_own_shard(cifar_dir: Path) -> None:
+def lightning_sharded_loader(dm: CIFAR100DataModule, rank: int) -> DataLoader:
+    """The training loader as Lightning hands it to DDP process ``rank`` of 2: Lightning itself injects the
+    distributed sampler, as it does in ``fit`` (no processes are started). Setting the rank also sets
+    Lightning's global ``rank_zero_only.rank``: the test puts it back afterwards."""
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False)
+    trainer.strategy.cluster_environment.set_global_rank(rank)
+    dm.trainer = trainer
+    return trainer._data_connector._prepare_dataloader(dm.train_dataloader(), shuffle=True, mode=RunningStage.TRAINING)
+
+
+def test_each_ddp_rank_reads_its_own_shard_of_the_epoch_order(cifar_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)  # restored after the test
     dm = CIFAR100DataModule(data_dir=str(cifar_dir), val_size=100, batch_size=50)
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    seen = []
-    for rank in range(2):
-        # What Lightning does to our DataLoader under DDP: same loader, a DistributedSampler.
-        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        sharded = _update_dataloader(loader, sampler)
-        images, labels = zip(*sharded)
-        assert all(i.dtype == torch.uint8 and len(i) == len(l) for i, l in zip(images, labels))
-        seen.append(torch.cat(labels))
-        assert len(seen[-1]) == 250
-    # The two shards are disjoint and together cover the training split exactly once.
-    indices = [list(DistributedSampler(loader.dataset, num_replicas=2, rank=r, seed=0)) for r in range(2)]
-    assert not set(indices[0]) & set(indices[1]) and len(set(indices[0]) | set(indices[1])) == 500
+    loaders = [lightning_sharded_loader(dm, rank) for rank in range(2)]
+    for loader in loaders:
+        # Lightning wraps the project's sampler (it keeps the per-epoch order) rather than replacing it.
+        assert isinstance(loader.sampler, DistributedSamplerWrapper)
+        assert isinstance(loader.sampler.dataset._sampler, EpochShuffle)
     train_labels = dm.splits["train"].labels
-    for rank in range(2):
-        assert torch.equal(seen[rank], train_labels[indices[rank]])
+    orders = []
+    for epoch in range(2):
+        shards = []
+        for loader in loaders:
+            _set_sampler_epoch(loader, epoch)  # what the fit loop does before each epoch
+            indices = list(loader.sampler)
+            images, labels = zip(*loader)
+            assert all(i.dtype == torch.uint8 and len(i) == len(l) for i, l in zip(images, labels))
+            assert torch.equal(torch.cat(labels), train_labels[indices])
+            shards.append(indices)
+        # The two shards are disjoint and together cover the training split exactly once.
+        assert len(shards[0]) == len(shards[1]) == 250
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 500
+        orders.append(shards)
+    assert orders[0] != orders[1], "each epoch has a new order"
+    assert rank_zero_only.rank == 1, "the last loader was process 1's (put back to 0 after the test)"
 
 
 def test_data_on_device_keeps_the_splits_on_the_trainers_device(cifar_dir: Path) -> None:

@@ -102,3 +102,29 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
     with pytest.raises(UserError, match="not a torchvision ResNet18 state dict.*unexpected: layer"):
         load_imagenet_weights(resnet18_for_cifar(), weights_path=tmp_path / "r34.pth")
+
+
+def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
+    """Every module ``module`` imports, following the project's own modules (not the package ``__init__``)."""
+    import ast
+    import importlib.util
+
+    seen = set() if seen is None else seen
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                if name.startswith("cifar_resnet.") and importlib.util.find_spec(name) is not None:
+                    imported_modules(name, seen)
+    return seen
+
+
+def test_models_are_plain_torch_and_import_no_lightning() -> None:
+    imports = imported_modules("cifar_resnet.models")
+    assert "torch" in imports and "cifar_resnet.models.seed_resnet" in imports
+    assert not {name for name in imports if name.split(".")[0] in ("lightning", "pytorch_lightning", "torchmetrics")}
+    # The check follows the project's imports: the classifier, which wraps the models, does import Lightning.
+    assert any(name.startswith("lightning") for name in imported_modules("cifar_resnet.classifier"))

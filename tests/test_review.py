@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -18,10 +21,11 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cifar_resnet.data.archive import load_cifar100
-from conftest import CONFIGS, read_scalars, run_cli, tiny_args, warning_lines
+from conftest import CONFIGS, ROOT, read_scalars, run_cli, tiny_args, warning_lines
 
 CONFIG = str(CONFIGS / "scratch.yaml")
 
@@ -195,7 +199,7 @@ def test_predict_on_a_folder_of_images_writes_the_top5_csv(reviewed: ReviewedRun
     output = reviewed.cwd / "predictions.csv"
     proc = run_cli(
         "predict", "--config", CONFIG, *reviewed.args, "--ckpt_path", str(reviewed.best),
-        "--data.predict_path", str(reviewed.cwd / "photos"), "--data.predict_output", str(output), cwd=reviewed.cwd,
+        "--data.predict_path", str(reviewed.cwd / "photos"), "--prediction.output", str(output), cwd=reviewed.cwd,
     )  # fmt: skip
     assert f"to {output}" in proc.stdout
     with output.open() as file:
@@ -247,3 +251,157 @@ def test_superclass_accuracy_counts_exact_and_same_superclass_answers() -> None:
     assert exact.tolist() == pytest.approx([5 / 8, 6 / 8])
     assert coarse.tolist() == pytest.approx([8 / 8, 7 / 8])
     assert per_class_accuracy(confusion).tolist() == pytest.approx([3 / 4, 2 / 4, 1.0, 2 / 4])
+
+
+def test_the_progress_bar_shows_numbers_in_a_fixed_format(reviewed: ReviewedRun) -> None:
+    shown = re.findall(r"(img/s|loss|val/top1)=([^,\]\s]+)", reviewed.fit.stdout)
+    assert {name for name, _ in shown} == {"img/s", "loss", "val/top1"}
+    for name, value in shown:
+        assert re.fullmatch(r"\d+" if name == "img/s" else r"\d+\.\d{4}", value), f"{name}={value}"
+
+
+def test_a_checkpoint_is_enough_to_predict_without_the_archive(reviewed: ReviewedRun, cifar_dir: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(reviewed.best, map_location="cpu", weights_only=True)
+    stored = checkpoint["CIFAR100DataModule"]
+    archive = load_cifar100(cifar_dir / "cifar-100-python")
+    assert stored["class_names"] == archive.class_names and stored["superclass_names"] == archive.superclass_names
+    assert stored["fine_to_coarse"] == archive.fine_to_coarse().tolist()
+    transform = stored["transform"]
+    assert list(transform["mean"]) == [0.5071, 0.4865, 0.4409] and list(transform["std"]) == [0.2673, 0.2564, 0.2762]
+    assert transform["output_size"] == 32
+    names = write_photos(tmp_path / "photos")
+    empty = tmp_path / "no-data"
+    # The recipe says `download: true`: predicting on files must not fetch (or look for) the archive.
+    args = [*reviewed.args, "--data.data_dir", str(empty), "--data.download", "true", "--ckpt_path", str(reviewed.best)]
+    proc = run_cli("predict", "--config", CONFIG, *args, "--data.predict_path", str(tmp_path / "photos"), "--prediction.output",
+                   str(tmp_path / "p.csv"), cwd=tmp_path)  # fmt: skip
+    assert not empty.exists() and "Traceback" not in proc.stderr
+    with (tmp_path / "p.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["file"] for row in rows] == names
+    assert all({row[f"class_{k}"] for k in range(1, 6)} <= set(archive.class_names) for row in rows)
+
+
+def predictions(reviewed: ReviewedRun, path: Path, cwd: Path, expect_ok: bool = True) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """Run predict on ``path``; the CSV's rows and the process."""
+    output = cwd / "p.csv"
+    proc = run_cli("predict", "--config", CONFIG, *reviewed.args, "--ckpt_path", str(reviewed.best), "--data.predict_path",
+                   str(path), "--prediction.output", str(output), cwd=cwd, expect_ok=expect_ok)  # fmt: skip
+    if not expect_ok:
+        return [], proc
+    with output.open(encoding="utf-8", newline="") as file:
+        return list(csv.DictReader(file)), proc
+
+
+def test_predict_reads_16_bit_and_float_images_by_their_real_range(reviewed: ReviewedRun, tmp_path: Path) -> None:
+    folder = tmp_path / "depths"
+    folder.mkdir()
+    grey = np.random.default_rng(3).integers(0, 256, (40, 40)).astype(np.uint8)
+    Image.fromarray(grey).save(folder / "a_8bit.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "b_16bit.png")  # the same picture, 16 bits deep
+    Image.fromarray(grey.astype(np.float32) / 255, mode="F").save(folder / "c_float.tiff")
+    assert Image.open(folder / "b_16bit.png").mode.startswith("I")
+    rows, _ = predictions(reviewed, folder, tmp_path)
+    assert [row["file"] for row in rows] == ["a_8bit.png", "b_16bit.png", "c_float.tiff"]
+    answers = [[(row[f"class_{k}"], row[f"prob_{k}"]) for k in range(1, 6)] for row in rows]
+    assert answers[0] == answers[1] == answers[2]
+    from cifar_resnet.data.images import read_image
+
+    assert torch.equal(read_image(folder / "a_8bit.png"), read_image(folder / "b_16bit.png"))
+    assert read_image(folder / "b_16bit.png").float().mean() < 200, "not clipped to white"
+
+
+def test_predict_writes_awkward_file_names_safely(reviewed: ReviewedRun, tmp_path: Path) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    picture = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    picture.save(folder / "=HYPERLINK(1).png")
+    picture.save(folder / "line\nbreak.png")
+    picture.save(os.fsdecode(bytes(folder) + b"/latin-\xe9.png"), format="PNG")
+    rows, proc = predictions(reviewed, folder, tmp_path)
+    assert sorted(row["file"] for row in rows) == ["'=HYPERLINK(1).png", "latin-\\xe9.png", "line\\nbreak.png"]
+    assert "line\nbreak" not in proc.stdout and "line\\nbreak.png" in proc.stdout
+    assert re.search(r"^Wrote the top-5 classes of 3 images to ", proc.stdout, re.MULTILINE)
+
+    rows, proc = predictions(reviewed, folder / "=HYPERLINK(1).png", tmp_path)
+    assert len(rows) == 1 and "classes of 1 image to" in proc.stdout
+
+
+def test_predict_refuses_an_image_too_large_to_decode(reviewed: ReviewedRun, tmp_path: Path) -> None:
+    # A PNG whose header claims 30000 x 30000 pixels (2.7 GB as RGB): a few bytes on disk.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    (tmp_path / "huge.png").write_bytes(png)
+    existing = tmp_path / "p.csv"
+    existing.write_text("earlier predictions\n")
+    _, proc = predictions(reviewed, tmp_path / "huge.png", tmp_path, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "huge.png' (too large" in proc.stderr
+    assert existing.read_text() == "earlier predictions\n", "a failed predict leaves the earlier CSV alone"
+
+
+def test_the_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    from cifar_resnet.predict import write_csv_atomically
+
+    path = tmp_path / "p.csv"
+    write_csv_atomically(path, [["file", "class_1"], ["a.png", "-1"]])
+    assert path.read_bytes() == b"file,class_1\r\na.png,-1\r\n"
+
+    def rows_that_fail():
+        yield ["file", "class_1"]
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_csv_atomically(path, rows_that_fail())
+    assert path.read_bytes() == b"file,class_1\r\na.png,-1\r\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
+
+
+def test_validate_prints_the_report_on_its_own_lines_after_the_bar(reviewed: ReviewedRun) -> None:
+    proc = run_cli("validate", "--config", CONFIG, *reviewed.args, "--ckpt_path", str(reviewed.best),
+                   "--trainer.enable_progress_bar", "true", "--trainer.limit_val_batches", "1", cwd=reviewed.cwd)  # fmt: skip
+    report_line = re.search(r"^Validation report: 100 images, checkpoint (.+)$", proc.stdout, re.MULTILINE)
+    assert report_line and report_line.group(1) == str(reviewed.best)
+    assert re.search(r"^  val/top1\s+\d\.\d{4}$", proc.stdout, re.MULTILINE)
+    assert "┃" not in proc.stdout and "Validate metric" not in proc.stdout, "Lightning's own table is not printed too"
+    saved = Path(re.search(r"^Saved to (.+val_report\.json)$", proc.stdout, re.MULTILINE).group(1))
+    printed = float(re.search(r"^  val/top1\s+(\S+)$", proc.stdout, re.MULTILINE).group(1))
+    assert json.loads(saved.read_text())["metrics"]["val/top1"] == pytest.approx(printed, abs=1e-4)
+
+
+def test_export_to_onnx_matches_pytorch(reviewed: ReviewedRun, tmp_path: Path) -> None:
+    import onnxruntime
+
+    from cifar_resnet.export import network_of
+
+    output = tmp_path / "model.onnx"
+    proc = subprocess.run([sys.executable, "-m", "cifar_resnet.export", str(reviewed.best), str(output)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(Path(f"{output}.json").read_text())
+    checkpoint = torch.load(reviewed.best, map_location="cpu", weights_only=True)
+    assert info["class_names"] == checkpoint["CIFAR100DataModule"]["class_names"] and len(info["class_names"]) == 100
+    assert info["input"]["shape"] == ["batch", 3, 32, 32]
+    images = torch.rand(5, 3, 32, 32)
+    mean, std = torch.tensor(info["input"]["mean"]).view(1, 3, 1, 1), torch.tensor(info["input"]["std"]).view(1, 3, 1, 1)
+    inputs = (images - mean) / std
+    with torch.no_grad():
+        expected = network_of(checkpoint)(inputs).numpy()
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": inputs.numpy()})
+    # Tolerance: float32 kernels of two runtimes differ in summation order, ~1e-5 on logits of size ~10.
+    assert logits.shape == (5, 100) and np.abs(logits - expected).max() < 1e-3
+    assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_the_command_introduces_itself() -> None:
+    proc = run_cli("--help", cwd=ROOT)
+    assert "Lightning Trainer command line tool" not in proc.stdout and "trains and evaluates ResNets on CIFAR-100" in proc.stdout
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert re.search(rf"^    {subcommand}\s+[A-Z].*", proc.stdout, re.MULTILINE)
+    assert re.fullmatch(r"cifar-resnet \d+\.\d+\.\d+\S*\n", run_cli("--version", cwd=ROOT).stdout)
+    fit_help = " ".join(run_cli("fit", "--help", cwd=ROOT).stdout.split())
+    assert "--model.help ScratchResNet" in fit_help and "README.md" in fit_help
+    assert "'last' for the newest" in fit_help and "cannot run code" in fit_help

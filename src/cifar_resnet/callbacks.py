@@ -10,12 +10,12 @@ from typing import IO, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cifar_resnet.errors import UserError
 from cifar_resnet.figures import (
@@ -121,17 +121,35 @@ class SpeedMonitor(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
 
+class FixedFormatProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with its numbers in a fixed format (``img/s=12345``, ``loss=4.6052``), so
+    they do not jump between ``1.23e+3`` and ``987`` or change width from one update to the next."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        return {name: fixed_format(name, value) for name, value in super().get_metrics(trainer, pl_module).items()}
+
+
+def fixed_format(name: str, value: Any) -> Any:
+    """Rates as whole numbers and other floats with 4 decimals; anything else as it is."""
+    if not isinstance(value, float):
+        return value
+    return f"{value:.0f}" if name.endswith("/s") else f"{value:.4f}"
+
+
 def tensorboard(trainer: Trainer) -> TensorBoardLogger | None:
     """The trainer's TensorBoard logger, if it has one."""
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
-def class_info(trainer: Trainer, num_classes: int) -> tuple[list[str], Tensor, list[str]]:
-    """Class names, each class's superclass and the superclass names, from the DataModule's archive."""
-    dataset = getattr(trainer.datamodule, "dataset", None)
-    if dataset is None:  # another DataModule: number the classes, one group
-        return [str(i) for i in range(num_classes)], torch.zeros(num_classes, dtype=torch.long), ["all"]
-    return dataset.class_names, dataset.fine_to_coarse(), dataset.superclass_names
+def data_questions(trainer: Trainer) -> Any:
+    """The DataModule, which answers the figures' questions (class names, superclasses, displayable images)."""
+    datamodule = trainer.datamodule
+    if not all(hasattr(datamodule, name) for name in ("class_names", "superclass_names", "fine_to_coarse", "displayable")):
+        raise UserError(
+            f"{type(datamodule).__name__} cannot name its classes: the figures and reports need a DataModule with "
+            "class_names, superclass_names, fine_to_coarse and displayable(), as CIFAR100DataModule has."
+        )
+    return datamodule
 
 
 class ClassFigures(Callback):
@@ -140,7 +158,8 @@ class ClassFigures(Callback):
     After each validation epoch: ``val/confusion_matrix`` and ``val/class_accuracy``. After testing,
     the same for ``test/`` plus ``test/superclass_accuracy`` and ``test/misclassified``, a grid of
     wrongly classified test images captioned with the true and predicted class. The confusion matrix
-    is a torchmetrics metric, so it covers every process's images under DDP; figures are drawn by rank 0.
+    is the module's (a torchmetrics metric, so it covers every process's images under DDP); figures
+    are drawn by rank 0.
     """
 
     def __init__(self, every_n_epochs: int = 1, num_misclassified: int = 32) -> None:
@@ -152,16 +171,8 @@ class ClassFigures(Callback):
         """
         self.every_n_epochs = every_n_epochs
         self.num_misclassified = num_misclassified
-        self.confusion: MulticlassConfusionMatrix | None = None
         self._wrong: list[tuple[Tensor, Tensor, Tensor]] = []
         self._wrong_count = 0
-
-    def _start(self, pl_module: LightningModule) -> None:
-        """A fresh confusion matrix on the module's device."""
-        if self.confusion is None:
-            self.confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes)
-        self.confusion = self.confusion.to(pl_module.device)
-        self.confusion.reset()
 
     def _draw_now(self, trainer: Trainer) -> bool:
         """Whether this validation epoch gets figures."""
@@ -170,42 +181,33 @@ class ClassFigures(Callback):
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(pl_module)
-
-    def on_validation_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        if self._draw_now(trainer):
-            self.confusion.update(outputs["logits"].argmax(dim=-1), batch[1])
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._draw_now(trainer):
-            self._log_class_figures(trainer, pl_module, "val", self.confusion.compute())
+            self._log_class_figures(trainer, "val", pl_module.confusion_matrix("val"))
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start(pl_module)
         self._wrong, self._wrong_count = [], 0
 
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        if self._wrong_count >= self.num_misclassified:
+            return
         images, labels = batch
         predicted = outputs["logits"].argmax(dim=-1)
-        self.confusion.update(predicted, labels)
-        if self._wrong_count < self.num_misclassified:
-            wrong = (predicted != labels).nonzero().flatten()[: self.num_misclassified - self._wrong_count]
-            self._wrong.append((self._displayable(trainer, images[wrong]), labels[wrong].cpu(), predicted[wrong].cpu()))
-            self._wrong_count += len(wrong)
+        wrong = (predicted != labels).nonzero().flatten()[: self.num_misclassified - self._wrong_count]
+        self._wrong.append((data_questions(trainer).displayable(images[wrong]), labels[wrong].cpu(), predicted[wrong].cpu()))
+        self._wrong_count += len(wrong)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        confusion = self.confusion.compute()
-        self._log_class_figures(trainer, pl_module, "test", confusion)
+        confusion = pl_module.confusion_matrix("test")
+        self._log_class_figures(trainer, "test", confusion)
         writer = tensorboard(trainer)
         if not trainer.is_global_zero or writer is None:
             return
-        names, fine_to_coarse, super_names = class_info(trainer, pl_module.hparams.num_classes)
-        exact, coarse = superclass_accuracy(confusion, fine_to_coarse, len(super_names))
+        data = data_questions(trainer)
+        names, super_names = data.class_names, data.superclass_names
+        exact, coarse = superclass_accuracy(confusion, data.fine_to_coarse, len(super_names))
         step = trainer.global_step
         title = "Test accuracy per superclass: exact class (dark) and right superclass (light)"
         self._add(writer, "test/superclass_accuracy", superclass_accuracy_figure(exact, coarse, super_names, title), step)
@@ -215,12 +217,13 @@ class ClassFigures(Callback):
             figure = misclassified_figure(images, [names[i] for i in true], [names[i] for i in predicted], title)
             self._add(writer, "test/misclassified", figure, step)
 
-    def _log_class_figures(self, trainer: Trainer, pl_module: LightningModule, stage: str, confusion: Tensor) -> None:
+    def _log_class_figures(self, trainer: Trainer, stage: str, confusion: Tensor) -> None:
         """The confusion matrix and per-class accuracy of ``stage``, drawn and logged by rank 0."""
         writer = tensorboard(trainer)
         if not trainer.is_global_zero or writer is None:
             return
-        names, fine_to_coarse, super_names = class_info(trainer, pl_module.hparams.num_classes)
+        data = data_questions(trainer)
+        names, fine_to_coarse, super_names = data.class_names, data.fine_to_coarse, data.superclass_names
         when = f"epoch {trainer.current_epoch}" if stage == "val" else "test split"
         images = int(confusion.sum())
         title = f"{stage} confusion matrix, {when}, {images} images (rows: true class, normalised; grouped by superclass)"
@@ -232,17 +235,6 @@ class ClassFigures(Callback):
     @staticmethod
     def _add(logger: TensorBoardLogger, tag: str, figure: Figure, step: int) -> None:
         logger.experiment.add_figure(tag, figure, global_step=step, close=True)
-
-    @staticmethod
-    def _displayable(trainer: Trainer, images: Tensor) -> Tensor:
-        """Normalised model inputs back to uint8 pixels (the DataModule's transform knows mean and std)."""
-        transform = getattr(trainer.datamodule, "transform", None)
-        images = images.float()
-        if transform is not None:
-            images = images * transform.std.to(images.device) + transform.mean.to(images.device)
-        else:
-            images = (images - images.amin()) / (images.amax() - images.amin()).clamp(min=1e-6)
-        return images.clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
 class HParamsSummary(Callback):

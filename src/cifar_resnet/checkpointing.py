@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from cifar_resnet.errors import UserError
+from cifar_resnet.models.state_dicts import state_dict_mismatch
 
 LAST = "last.ckpt"
 # Hyper-parameters that say how to train or run a network, not what it is: a config may change them
@@ -250,20 +251,6 @@ class RandomStates(Callback):
     def load_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Restore the generators' states from a checkpoint."""
         set_rng_states(state_dict)
-
-
-def state_dict_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Any]) -> str:
-    """Missing, unexpected and wrongly shaped keys of ``found`` against ``expected``; '' if they match."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(
-        k for k in set(expected) & set(found) if getattr(found[k], "shape", None) != getattr(expected[k], "shape", None)
-    )
-    return "; ".join(
-        f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-        if keys
-    )
 
 
 def rng_states() -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_resnet.checkpointing import check_checkpoint_fits
 from cifar_resnet.errors import UserError
@@ -18,6 +18,7 @@ from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_
 from cifar_resnet.schedules import WarmupDecayLR
 
 STAGES = ("train", "val", "test")
+CONFUSION = "confusion_matrix"
 
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -73,11 +74,13 @@ class ImageClassifier(LightningModule, ABC):
             }
         )
         self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
         if tta:
             self.val_tta_metrics = metrics.clone(prefix="val/", postfix="_tta")
             self.test_tta_metrics = metrics.clone(prefix="test/", postfix="_tta")
+        # Evaluation also keeps the confusion matrix, which the figures and reports read (not logged as a scalar).
+        metrics.add_metrics({CONFUSION: MulticlassConfusionMatrix(num_classes, validate_args=False)})
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
         self._fast_path_ready = False
 
     @abstractmethod
@@ -123,15 +126,29 @@ class ImageClassifier(LightningModule, ABC):
         loss = (self.train_criterion if training else self.criterion)(logits, labels)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits, labels)
+        scalars = {name: m for name, m in metrics.items(keep_base=False, copy_state=False) if not name.endswith(CONFUSION)}
         # The training loss reaches the progress bar through SpeedMonitor, every so often: showing it
         # every step would make the host wait for the device every step.
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=not training, sync_dist=not training, batch_size=len(labels))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage != "test")
         if not training and self.hparams.tta:
             tta_metrics = getattr(self, f"{stage}_tta_metrics")
             tta_metrics.update(self.tta_logits(images, logits), labels)
             self.log_dict(tta_metrics, on_step=False, on_epoch=True)
         return {"loss": loss, "logits": logits.detach()}
+
+    def confusion_matrix(self, stage: str) -> Tensor:
+        """``stage``'s (``val`` or ``test``) confusion matrix so far, rows the true class, summed over all
+        processes (every process must ask)."""
+        return getattr(self, f"{stage}_metrics")[CONFUSION].compute()
+
+    def on_validation_epoch_start(self) -> None:
+        """Start the confusion matrix afresh (Lightning resets only the metrics it logs)."""
+        self.val_metrics[CONFUSION].reset()
+
+    def on_test_epoch_start(self) -> None:
+        """Start the confusion matrix afresh (Lightning resets only the metrics it logs)."""
+        self.test_metrics[CONFUSION].reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step's loss."""

@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from cifar_resnet.callbacks import RunFolderLock, StopChildProcessesOnError
+from cifar_resnet import __version__
+from cifar_resnet.callbacks import FixedFormatProgressBar, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import (
     LAST,
     WRITE_ERRORS,
@@ -32,6 +34,7 @@ from cifar_resnet.classifier import ImageClassifier
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
+from cifar_resnet.predict import PredictionWriter
 
 # Lightning messages that do not apply to this program or that a user cannot act on. Each is a
 # regular expression matched against the start of the message.
@@ -155,6 +158,37 @@ class SaveConfigSafely(SaveConfigCallback):
         self.already_saved = True
 
 
+DESCRIPTION = (
+    "cifar-resnet trains and evaluates ResNets on CIFAR-100 with PyTorch Lightning. A YAML config is the "
+    "experiment: configs/scratch.yaml (the seed's ResNet from scratch) and configs/finetune.yaml (ImageNet "
+    "ResNet18, fine-tuned); any setting can be overridden on the command line. Runs, checkpoints and "
+    "TensorBoard logs go to runs/<name>/version_N/. See README.md."
+)
+SUBCOMMANDS = {
+    "fit": "Train a model as the config says, or resume a run with --ckpt_path last.",
+    "validate": "Evaluate a checkpoint on the validation images and print a report.",
+    "test": "Evaluate a checkpoint on the CIFAR-100 test split, print a report and save it as JSON.",
+    "predict": "Give the top-5 classes of your own images (--data.predict_path) from a checkpoint, as a CSV.",
+}
+RECIPES = (
+    " Start from a recipe: --config configs/scratch.yaml or configs/finetune.yaml (README.md, \"The two "
+    "experiments\"). Each model's own settings: --model.help ScratchResNet or --model.help FineTunedResNet18."
+)
+OPTION_HELP = {
+    "ckpt_path": (
+        "Checkpoint to start from: a .ckpt file, or 'last' for the newest runs/<name>/*/checkpoints/last.ckpt. "
+        "fit resumes that run in its own folder (weights, optimizer, schedule, epoch, random state; with no "
+        "checkpoint yet, 'last' starts from scratch); validate, test and predict use its weights and write a "
+        "new version folder. Its class names and input settings come with it, so predict on image files "
+        "needs no CIFAR-100 archive."
+    ),
+    "weights_only": (
+        "Load checkpoints with torch.load(weights_only=True) (the default here): tensors and plain values only, "
+        "so a checkpoint cannot run code. Use false only for a checkpoint you trust that needs it."
+    ),
+}
+
+
 class CifarCLI(LightningCLI):
     """LightningCLI that resumes a run in its own folder, reports bad input as one short error, ends
     Ctrl-C and SIGTERM with the command that resumes, and whose ``test`` prints only the TestReport."""
@@ -246,6 +280,7 @@ class CifarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with Lightning's complaints about its settings turned into a short error."""
+        with_fixed_format_bar(self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"], kwargs)
         try:
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
@@ -270,12 +305,26 @@ class CifarCLI(LightningCLI):
             except (ValueError, TypeError) as err:
                 raise UserError(f"Invalid optimizer or LR scheduler settings: {err}") from err
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``--prediction.*``: where ``predict`` writes its CSV (a callback that every subcommand has)."""
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands, listed in ``--help`` with what they do in this program."""
+        super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:
+            choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        """The subcommand's parser, with ``--verbose false`` as the default of ``test``."""
+        """The subcommand's parser: this program's help texts, and ``--verbose false`` for ``test`` and
+        ``validate`` (the report replaces Lightning's table)."""
         # Lightning 2.6 has no public hook that knows which subcommand a parser is for.
+        kwargs["description"] = SUBCOMMANDS[subcommand] + RECIPES
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "test":
+        if subcommand in ("test", "validate"):
             parser.set_defaults(verbose=False)
+        for action in parser._actions:
+            action.help = OPTION_HELP.get(action.dest, action.help)
         return parser
 
 
@@ -293,6 +342,16 @@ def _check_values(config: Namespace) -> None:
         for folder in (Path(save_dir), *Path(save_dir).parents):
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"trainer.logger.init_args.save_dir is '{save_dir}', but '{folder}' is a file. Give a folder.")
+
+
+def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> None:
+    """Add :class:`FixedFormatProgressBar` to the Trainer's callbacks, unless the bar is off or another is set."""
+    if trainer_config.get("enable_progress_bar") is False:
+        return
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if not any(isinstance(callback, ProgressBar) for callback in callbacks):
+        kwargs["callbacks"] = [*callbacks, FixedFormatProgressBar()]
 
 
 def _experiment_dir(logger: Any) -> Path | None:
@@ -317,6 +376,7 @@ def run(args: ArgsType = None) -> LightningCLI:
         trainer_defaults={
             "callbacks": [LastCheckpoint(), RandomStates(), RunFolderLock(), StopChildProcessesOnError()],
         },
+        parser_kwargs={"description": DESCRIPTION, "version": __version__},
         args=args,
     )
 

@@ -1,4 +1,4 @@
-"""What ``fit`` and ``test`` print at the end: the best checkpoint, and a test report saved as JSON."""
+"""What ``fit``, ``test`` and ``validate`` print at the end: the best checkpoint, and a report saved as JSON."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torchmetrics.classification import MulticlassConfusionMatrix
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
 
-from cifar_resnet.callbacks import class_info
+from cifar_resnet.callbacks import data_questions
 from cifar_resnet.figures import per_class_accuracy, superclass_accuracy
 
-REPORT_NAME = "test_report.json"
+REPORT_NAMES = {"test": "test_report.json", "val": "val_report.json"}
 
 
 class FitSummary(Callback):
@@ -31,8 +32,9 @@ class FitSummary(Callback):
 
 
 class TestReport(Callback):
-    """After ``test``: prints top-1, top-5, loss and the best and worst classes, and writes the metrics,
-    every class's and superclass's accuracy to ``test_report.json`` in the run's log folder."""
+    """After ``test`` (and ``validate``): prints top-1, top-5, loss and the best and worst classes, and writes
+    the metrics, every class's and superclass's accuracy to ``test_report.json`` (``val_report.json``) in
+    the run's log folder. The table is printed once the progress bar has closed."""
 
     def __init__(self, num_classes_shown: int = 5) -> None:
         """
@@ -40,42 +42,47 @@ class TestReport(Callback):
             num_classes_shown: How many best and worst classes the printed table lists.
         """
         self.num_classes_shown = num_classes_shown
-        self.confusion: MulticlassConfusionMatrix | None = None
-
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.confusion is None:
-            self.confusion = MulticlassConfusionMatrix(pl_module.hparams.num_classes)
-        self.confusion = self.confusion.to(pl_module.device)
-        self.confusion.reset()
-
-    def on_test_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self.confusion.update(outputs["logits"].argmax(dim=-1), batch[1])
+        self._printout: str | None = None
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        confusion = self.confusion.compute().cpu()  # every process takes part in the reduction
+        self._report(trainer, pl_module, "test")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not the validation epochs of `fit`
+            self._report(trainer, pl_module, "val")
+
+    def _report(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Build and save the report; keep its table for :meth:`teardown`."""
+        confusion = pl_module.confusion_matrix(stage).cpu()  # every process takes part in the reduction
         if not trainer.is_global_zero:
             return
-        report = build_report(trainer, pl_module, confusion)
-        path = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_NAME
+        report = build_report(trainer, confusion, stage)
+        path = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_NAMES[stage]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
-        print(format_report(report, self.num_classes_shown) + f"\nSaved to {path}", flush=True)
+        self._printout = format_report(report, self.num_classes_shown) + f"\nSaved to {path}"
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Print the table: by now the progress bar is closed, so the table starts on its own line."""
+        if self._printout is not None:
+            print(self._printout, flush=True)
+            self._printout = None
 
 
-def build_report(trainer: Trainer, pl_module: LightningModule, confusion: Any) -> dict[str, Any]:
-    """The test metrics, per-class and per-superclass accuracy, as plain JSON-ready values."""
-    names, fine_to_coarse, super_names = class_info(trainer, pl_module.hparams.num_classes)
+def build_report(trainer: Trainer, confusion: Tensor, stage: str = "test") -> dict[str, Any]:
+    """``stage``'s metrics, per-class and per-superclass accuracy, as plain JSON-ready values."""
+    data = data_questions(trainer)
+    names, super_names = data.class_names, data.superclass_names
     counts = confusion.sum(dim=1)
     accuracy = per_class_accuracy(confusion)
-    exact, coarse = superclass_accuracy(confusion, fine_to_coarse, len(super_names))
+    exact, coarse = superclass_accuracy(confusion, data.fine_to_coarse, len(super_names))
     seen = [i for i in range(len(names)) if counts[i] > 0]
     ranked = sorted(seen, key=lambda i: (-float(accuracy[i]), names[i]))
     return {
+        "stage": stage,
         "checkpoint": trainer.ckpt_path,
         "images": int(counts.sum()),
-        "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test/")},
+        "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")},
         "classes": {names[i]: {"accuracy": float(accuracy[i]), "images": int(counts[i])} for i in range(len(names))},
         "superclasses": {
             name: {"accuracy": float(exact[s]), "right_superclass": float(coarse[s])} for s, name in enumerate(super_names)
@@ -87,12 +94,18 @@ def build_report(trainer: Trainer, pl_module: LightningModule, confusion: Any) -
 
 def format_report(report: dict[str, Any], shown: int) -> str:
     """A short plain-text table of a report from :func:`build_report`."""
-    metrics = report["metrics"]
-    lines = [f"Test report: {report['images']} images, checkpoint {report['checkpoint']}"]
-    for key in ("test/top1", "test/top5", "test/loss"):
+    metrics, stage = report["metrics"], report.get("stage", "test")
+    title = "Test report" if stage == "test" else "Validation report"
+    lines = [f"{title}: {plural(report['images'], 'image')}, checkpoint {report['checkpoint']}"]
+    for key in (f"{stage}/top1", f"{stage}/top5", f"{stage}/loss"):
         if key in metrics:
             lines.append(f"  {key:<16}{metrics[key]:.4f}")
     for title, names in (("best classes", report["best_classes"]), ("worst classes", report["worst_classes"])):
         listed = ", ".join(f"{n} {report['classes'][n]['accuracy']:.2f}" for n in names[:shown])
         lines.append(f"  {title:<16}{listed}")
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

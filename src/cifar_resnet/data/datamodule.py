@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -20,10 +22,10 @@ from cifar_resnet.data.archive import (
     load_cifar100,
     missing_data_message,
 )
+from cifar_resnet.data.images import read_images
 from cifar_resnet.data.order import epoch_order
 from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
 from cifar_resnet.errors import UserError
-from cifar_resnet.predict import read_images
 
 
 class TensorBatches(Dataset):
@@ -138,7 +140,6 @@ class CIFAR100DataModule(LightningDataModule):
         data_on_device: bool = False,
         drop_last: bool = False,
         predict_path: str | None = None,
-        predict_output: str | None = None,
     ) -> None:
         """
         Args:
@@ -165,8 +166,8 @@ class CIFAR100DataModule(LightningDataModule):
                 epoch). With ``compile``, every batch then has one shape, so nothing is compiled twice.
             predict_path: An image file or a folder of images (PNG, JPEG) for ``predict``; each is centre-cropped
                 to a square and resized to 32x32 like CIFAR, then transformed like the test images. Without
-                it, ``predict`` runs on the test split.
-            predict_output: Where ``predict`` writes its CSV; default ``predictions.csv`` in the run's log folder.
+                it, ``predict`` runs on the test split. Predicting on files needs no CIFAR-100 archive: the
+                checkpoint holds the class names and the input settings.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -189,24 +190,83 @@ class CIFAR100DataModule(LightningDataModule):
         self.dataset: Cifar100 | None = None
         self.splits: dict[str, Split] = {}
         self.predict_names: list[str] = []
+        self._classes: ClassInfo | None = None  # from a checkpoint, else read from the archive on first use
+
+    # The data questions a reader of results asks (callbacks, reports, the prediction writer).
 
     @property
     def class_names(self) -> list[str]:
-        """The 100 fine class names, from the archive's ``meta``."""
-        return self._data().class_names
+        """The fine class names, in label order."""
+        return self._class_info().names
+
+    @property
+    def superclass_names(self) -> list[str]:
+        """The superclass (CIFAR-100 "coarse" class) names, in label order."""
+        return self._class_info().superclass_names
+
+    @property
+    def fine_to_coarse(self) -> Tensor:
+        """The superclass index of each class, ``(num_classes,)`` long."""
+        return torch.tensor(self._class_info().fine_to_coarse)
+
+    def displayable(self, images: Tensor) -> Tensor:
+        """Model inputs (normalised, maybe resized) back to uint8 pixels on the CPU, for pictures."""
+        images = images.float()
+        mean, std = self.transform.mean.to(images.device), self.transform.std.to(images.device)
+        return (images * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to predict without the archive: class names and the input settings."""
+        info = self._class_info()
+        return {
+            "class_names": info.names,
+            "superclass_names": info.superclass_names,
+            "fine_to_coarse": info.fine_to_coarse,
+            "transform": {key: self.hparams[key] for key in TRANSFORM_SETTINGS},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take the class names and input settings of the checkpoint's model (they win over the config's)."""
+        if "class_names" in state_dict:
+            self._classes = ClassInfo(
+                list(state_dict["class_names"]), list(state_dict["superclass_names"]), list(state_dict["fine_to_coarse"])
+            )
+        settings = state_dict.get("transform", {})
+        changed = {k: (self.hparams[k], v) for k, v in settings.items() if k in TRANSFORM_SETTINGS and _differs(self.hparams[k], v)}
+        if changed:
+            rank_zero_info(
+                "Using the checkpoint's input settings, which the model was trained with: "
+                + ", ".join(f"data.{k} {new} (config: {old})" for k, (old, new) in changed.items())
+            )
+            for key, (_, value) in changed.items():
+                self.hparams[key] = value
+            self.transform = BatchTransform(
+                self.hparams.mean, self.hparams.std, self.hparams.output_size, self.hparams.hflip_prob, self.hparams.vflip_prob
+            )
+
+    def _class_info(self) -> ClassInfo:
+        """Class names and superclass map: the checkpoint's, else the archive's."""
+        if self._classes is None:
+            data = self._data()
+            self._classes = ClassInfo(data.class_names, data.superclass_names, data.fine_to_coarse().tolist())
+        return self._classes
+
+    def _predicting_files(self) -> bool:
+        """Whether this is ``predict`` on image files, which needs no archive."""
+        return self.trainer is not None and self.trainer.state.fn == "predict" and self.hparams.predict_path is not None
 
     def prepare_data(self) -> None:
-        """Download the archive (once per node) if asked to and it is missing."""
-        if self.hparams.download and find_archive(self.data_dir) is None:
+        """Download the archive (once per node) if asked to and it is missing (not for predicting on files)."""
+        if self.hparams.download and not self._predicting_files() and find_archive(self.data_dir) is None:
             download_archive(self.data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the archive and split off the validation images."""
-        data = self._data()
+        """Read the archive and split off the validation images (for ``predict`` on files: read the files)."""
         if stage == "predict":
             if "predict" not in self.splits:
-                self._setup_predict(data)
+                self._setup_predict()
             return
+        data = self._data()
         if "train" in self.splits:
             return
         train = data.train
@@ -226,9 +286,10 @@ class CIFAR100DataModule(LightningDataModule):
             device = self.trainer.strategy.root_device
             self.splits = {name: _to(split, device) for name, split in self.splits.items()}
 
-    def _setup_predict(self, data: Cifar100) -> None:
+    def _setup_predict(self) -> None:
         """The images to predict on: the files at ``predict_path``, or the test split; and their names."""
         if self.hparams.predict_path is None:
+            data = self._data()
             self.splits["predict"] = data.test
             self.predict_names = [f"test[{i}]" for i in range(len(data.test.labels))]
             return
@@ -292,6 +353,23 @@ class CIFAR100DataModule(LightningDataModule):
         self.transform.to(images.device)
         training = self.trainer is not None and self.trainer.training
         return self.transform(images, train=training), labels
+
+
+TRANSFORM_SETTINGS = ("mean", "std", "output_size")
+
+
+@dataclass
+class ClassInfo:
+    """Class names, superclass names and each class's superclass index."""
+
+    names: list[str]
+    superclass_names: list[str]
+    fine_to_coarse: list[int]
+
+
+def _differs(a: Any, b: Any) -> bool:
+    """Whether two settings differ (tuples and lists of the same values are equal)."""
+    return list(a) != list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a != b
 
 
 def _subset(split: Split, index: Tensor) -> Split:

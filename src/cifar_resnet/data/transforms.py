@@ -17,28 +17,15 @@ def random_flips(images: Tensor, hflip_prob: float, vflip_prob: float) -> Tensor
     n = images.shape[0]
     hflip = torch.rand(n, device=images.device) < hflip_prob
     vflip = torch.rand(n, device=images.device) < vflip_prob
-    if images.device.type == "cpu":
-        return flip_chosen(images, hflip, vflip)
     return flip_by_mask(images, hflip, vflip)
 
 
 def flip_by_mask(images: Tensor, hflip: Tensor, vflip: Tensor) -> Tensor:
     """Flip the images where the boolean ``(N,)`` masks say so, without ``nonzero()``, which would
-    make the host wait for the device every batch (the GPU path)."""
+    make the host wait for the device every batch."""
     shape = (images.shape[0], 1, 1, 1)
     images = torch.where(hflip.view(shape), images.flip(-1), images)
     return torch.where(vflip.view(shape), images.flip(-2), images)
-
-
-def flip_chosen(images: Tensor, hflip: Tensor, vflip: Tensor) -> Tensor:
-    """:func:`flip_by_mask`, touching only the chosen images, one group per kind of flip (the CPU
-    path: 2x faster there than flipping every image)."""
-    out = images.clone()
-    for chosen, dims in ((hflip & ~vflip, (-1,)), (vflip & ~hflip, (-2,)), (hflip & vflip, (-2, -1))):
-        index = chosen.nonzero().squeeze(1)
-        if index.numel():
-            out[index] = images.index_select(0, index).flip(dims)
-    return out
 
 
 def reflect_index(size: int, padding: int, offsets: Tensor) -> Tensor:

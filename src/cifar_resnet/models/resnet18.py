@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
-from cifar_resnet.checkpointing import state_dict_mismatch
 from cifar_resnet.errors import UserError
+from cifar_resnet.models.state_dicts import state_dict_mismatch
 
 
 def resnet18_for_cifar(num_classes: int = 100) -> ResNet:

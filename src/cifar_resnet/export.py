@@ -1,0 +1,103 @@
+"""Exporting a trained checkpoint for deployment: the network as ONNX (for onnxruntime) or a ``torch.export`` program,
+with a JSON file beside it that holds the class names and the input settings.
+
+Run it as ``cifar-resnet-export CKPT model.onnx`` or ``python -m cifar_resnet.export``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jsonargparse import auto_cli
+from torch import nn
+
+from cifar_resnet.checkpointing import read_checkpoint
+from cifar_resnet.errors import UserError
+from cifar_resnet.models import SeedResNet, resnet18_for_cifar
+
+DATAMODULE_KEY = "CIFAR100DataModule"
+
+
+def network_of(checkpoint: dict[str, Any]) -> nn.Module:
+    """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module)."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    kind = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
+    num_classes = int(hparams.get("num_classes", 100))
+    if kind == "ScratchResNet":
+        net: nn.Module = SeedResNet(num_classes, float(hparams.get("dropout", 0.3)))
+    elif kind == "FineTunedResNet18":
+        net = resnet18_for_cifar(num_classes)
+    else:
+        raise UserError(f"The checkpoint holds a {kind or 'model of unknown kind'}; export knows ScratchResNet and FineTunedResNet18.")
+    net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
+    return net.eval()
+
+
+def deployment_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Class names and the input settings stored in the checkpoint by the DataModule."""
+    data = checkpoint.get(DATAMODULE_KEY)
+    if not data or "class_names" not in data:
+        raise UserError(
+            "The checkpoint holds no class names (it was written by an older version of cifar-resnet): "
+            "test or fine-tune it for one epoch with this version to get a checkpoint that has them."
+        )
+    transform = data["transform"]
+    return {
+        "class_names": list(data["class_names"]),
+        "superclass_names": list(data["superclass_names"]),
+        "fine_to_coarse": list(data["fine_to_coarse"]),
+        "input": {
+            "shape": ["batch", 3, transform["output_size"], transform["output_size"]],
+            "dtype": "float32",
+            "how": "RGB pixels / 255, minus mean, divided by std, per channel; resized (bilinear) to the shape",
+            "mean": list(transform["mean"]),
+            "std": list(transform["std"]),
+        },
+        "output": "logits, one per class in class_names order (softmax gives probabilities)",
+    }
+
+
+def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] = "onnx", weights_only: bool = True) -> Path:
+    """Export a checkpoint's network for deployment, with the class names and input settings in ``output``.json.
+
+    Args:
+        ckpt_path: A checkpoint written by ``cifar-resnet fit`` (e.g. runs/scratch/version_0/checkpoints/last.ckpt).
+        output: The file to write, e.g. ``model.onnx`` or ``model.pt2``.
+        format: ``onnx`` (run it with onnxruntime) or ``torch.export`` (``torch.export.load``; a PyTorch program).
+        weights_only: Load the checkpoint with ``torch.load(weights_only=True)``; false only for a trusted file.
+    """
+    checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only)
+    info = deployment_info(checkpoint)
+    net = network_of(checkpoint)
+    size = info["input"]["shape"][-1]
+    example = torch.zeros(2, 3, size, size)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    batch = {0: torch.export.Dim("batch", min=1)}  # any batch size
+    if format == "onnx":
+        program = torch.onnx.export(
+            net, (example,), input_names=["images"], output_names=["logits"], dynamic_shapes=(batch,), dynamo=True, verbose=False
+        )
+        program.save(str(path))
+    else:
+        torch.export.save(torch.export.export(net, (example,), dynamic_shapes=(batch,)), str(path))
+    Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``cifar-resnet-export``, with mistakes reported as one clear paragraph."""
+    try:
+        path = auto_cli(export, args=args, prog="cifar-resnet-export")
+    except UserError as err:
+        print(f"cifar-resnet-export: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"Wrote {path} and {path}.json (class names, input settings)")
+
+
+if __name__ == "__main__":
+    main()
