@@ -17,7 +17,7 @@ from cifar_resnet.data.datamodule import EpochShuffle
 from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args, warning_lines
 
 # Timing scalars differ between any two runs; everything else must not.
-TIMING = ("train/epoch_time", "train/images_per_sec")
+TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib")
 
 
 def fit_args(cifar_dir: Path, save_dir: Path, *extra: str) -> list[str]:
