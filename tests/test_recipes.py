@@ -374,3 +374,11 @@ def test_killed_fast_run_resumes_to_the_same_weights_and_ema(learnable_dir: Path
             assert torch.equal(resumed[key][name], value), (key, name)
     assert not all(torch.equal(reference["state_dict"][k], v) for k, v in reference["current_model_state"].items())
     assert resumed["lr_schedulers"] == reference["lr_schedulers"]
+
+
+def test_a_checkpoints_input_settings_keep_the_configs_crops(cifar_dir: Path) -> None:
+    data = CIFAR100DataModule(str(cifar_dir), crop_padding=4)
+    state = data.state_dict()
+    state["transform"]["output_size"] = 48  # a model trained at another size: its setting wins ...
+    data.load_state_dict(state)
+    assert data.transform.output_size == 48 and data.transform.crop_padding == 4  # ... and the crops stay

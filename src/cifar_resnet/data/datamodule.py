@@ -186,7 +186,7 @@ class CIFAR100DataModule(LightningDataModule):
         if data_on_device and num_workers:
             raise UserError("data_on_device: true needs num_workers: 0 (worker processes cannot slice GPU tensors).")
         self.data_dir = Path(data_dir)
-        self.transform = BatchTransform(mean, std, output_size, hflip_prob, vflip_prob, crop_padding)
+        self.transform = self._make_transform()
         self.dataset: Cifar100 | None = None
         self.splits: dict[str, Split] = {}
         self.predict_names: list[str] = []
@@ -240,9 +240,12 @@ class CIFAR100DataModule(LightningDataModule):
             )
             for key, (_, value) in changed.items():
                 self.hparams[key] = value
-            self.transform = BatchTransform(
-                self.hparams.mean, self.hparams.std, self.hparams.output_size, self.hparams.hflip_prob, self.hparams.vflip_prob
-            )
+            self.transform = self._make_transform()
+
+    def _make_transform(self) -> BatchTransform:
+        """The batch transform of the current settings."""
+        h = self.hparams
+        return BatchTransform(h.mean, h.std, h.output_size, h.hflip_prob, h.vflip_prob, h.crop_padding)
 
     def _class_info(self) -> ClassInfo:
         """Class names and superclass map: the checkpoint's, else the archive's."""
