@@ -32,10 +32,11 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from cifar_resnet.events import read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLDS = (0.5, 0.6, 0.7)
@@ -88,19 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     return args
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars in the TensorBoard event files under ``run_dir``: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars[tag] += [(e.step, e.value) for e in acc.Scalars(tag)]
-    return dict(scalars)
 
 
 def fit_figures(scalars: dict[str, list[tuple[int, float]]], thresholds: list[float]) -> dict[str, Any]:

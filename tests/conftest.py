@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torchvision
 
 from cifar_resnet.data.synthetic import write_synthetic_archive
+from cifar_resnet.events import read_scalars  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -60,19 +60,6 @@ def warning_lines(stderr: str) -> list[str]:
     """The lines of ``stderr`` that are warnings: Lightning prints its own as ``path/file.py:N: message``,
     Python's carry a category (``UserWarning: ...``)."""
     return [line for line in stderr.splitlines() if re.search(r"\.py:\d+: |Warning:", line)]
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalars in the TensorBoard event files under ``run_dir``: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars[tag] += [(e.step, e.value) for e in acc.Scalars(tag)]
-    return dict(scalars)
 
 
 def env_with_tests() -> dict[str, str]:
