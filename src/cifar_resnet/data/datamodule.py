@@ -44,7 +44,8 @@ class TensorBatches(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.__getitems__([index])
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         index = _index_tensor(indices, self.labels.device)
