@@ -34,7 +34,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cifar_resnet.events import read_scalars
 
@@ -143,9 +143,11 @@ def model_class(config: Path) -> str | None:
 
 
 class Runner:
-    """Runs subprocesses against a shared deadline and prints progress."""
+    """Runs subprocesses against a shared deadline and prints progress. ``launch`` starts one as
+    ``subprocess.Popen`` does (the tests pass one that skips the imports; see tests/cli_process.py)."""
 
-    def __init__(self, max_minutes: float | None) -> None:
+    def __init__(self, max_minutes: float | None, launch: Callable[..., Any] = subprocess.Popen) -> None:
+        self.launch = launch
         self.start = time.monotonic()
         self.deadline = self.start + 60 * max_minutes if max_minutes is not None else math.inf
 
@@ -167,7 +169,7 @@ class Runner:
         began = time.monotonic()
         stopped = False
         with log_path.open("w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            proc = self.launch(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             next_note = began + 60
             while proc.poll() is None:
                 try:
@@ -479,13 +481,14 @@ def run_all(args: argparse.Namespace, runner: Runner) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, launch: Callable[..., Any] = subprocess.Popen) -> int:
+    """The command; ``launch`` starts each fit and test (see :class:`Runner`)."""
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))  # cifar_resnet without installing it
     args.configs = [c.resolve() for c in args.configs]
     args.work_dir = args.work_dir.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.max_minutes)
+    runner = Runner(args.max_minutes, launch)
     # Ctrl+C or a `timeout` ends the budget now: the run in progress is stopped and the report still written.
     handlers = {sig: signal.signal(sig, lambda *_: runner.end_now()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -2,22 +2,46 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 import re
+import shutil
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torchvision
+import yaml
 
 from cifar_resnet.data.synthetic import write_synthetic_archive
+from cli_process import CLI, CliProcess
 from cifar_resnet.events import read_scalars  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-CLI = Path(sys.executable).parent / "cifar-resnet"
+# Module fixtures that fit a model (see pytest_collection_modifyitems).
+SHARED_RUNS = ("trained", "reviewed", "uninterrupted", "two_recipes")
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # The workers (one per core) share the cores: one thread each, here and in the processes it starts.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With ``--dist loadgroup``, the tests that share a fitted run go to one worker, which runs them in a row:
+    the run is fitted once. The longest tests are sent first."""
+    for item in items:
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    # Longest first, so that the workers finish together: the tests marked heavy, then the groups.
+    items.sort(key=lambda item: 0 if item.get_closest_marker("heavy") else 1 if item.get_closest_marker("xdist_group") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +59,31 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def recipe_copy(source: str, folder: Path, name: str | None = None, **changes: Any) -> Path:
+    """A copy of ``configs/<source>`` in ``folder`` (as ``<name>.yaml``) without the per-epoch class figures
+    (a second or more of drawing per epoch on a CPU), with ``changes`` (dotted keys) applied."""
+    config = yaml.safe_load((CONFIGS / source).read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("ClassFigures")]
+    for key, value in changes.items():
+        section, *path = key.split(".")
+        node = config[section]
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name or Path(source).stem}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@functools.cache
+def without_figures(source: str) -> str:
+    """``configs/<source>`` without the class figures, for tests about something else (written once per process)."""
+    folder = Path(tempfile.mkdtemp(prefix="cifar-resnet-configs-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return str(recipe_copy(source, folder))
+
+
 def tiny_args(data_dir: Path, log_dir: Path) -> list[str]:
     """CLI overrides that shrink a recipe to a few seconds on CPU."""
     return [
@@ -47,10 +96,19 @@ def tiny_args(data_dir: Path, log_dir: Path) -> list[str]:
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: float = 300, expect_ok: bool = True, env: dict[str, str] | None = None
+    *args: str,
+    cwd: Path,
+    timeout: float = 300,
+    expect_ok: bool = True,
+    env: dict[str, str] | None = None,
+    installed: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run the installed ``cifar-resnet`` command; fail with its output if the exit code is unexpected."""
-    proc = subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    """Run ``cifar-resnet`` in a fresh process, forked with its imports done (tests/cli_process.py), or the
+    installed script itself with ``installed=True``; fail with its output if the exit code is unexpected."""
+    if installed:
+        proc = subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    else:
+        proc = CliProcess(list(args), cwd, env).finish(timeout)
     if (proc.returncode == 0) != expect_ok:
         pytest.fail(f"cifar-resnet {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from cifar_resnet.cli import run
-from conftest import CONFIGS, read_scalars, run_cli, tiny_args
+from conftest import CONFIGS, read_scalars, run_cli, tiny_args, without_figures
 
 
 def checkpoints(log_dir: Path) -> list[Path]:
@@ -57,7 +57,7 @@ def test_lr_drops_at_the_milestone_epoch_not_step(cifar_dir: Path, tmp_path: Pat
     # 2 steps per epoch and the milestone at 2: stepped per epoch (the seed's MultiStepLR), the LR drops
     # before the third epoch; stepped per optimizer step it would drop before the second.
     run_cli(
-        "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
+        "fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
         "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2",
         "--model.init_args.lr_scheduler.init_args.milestones", "[2]", "--trainer.log_every_n_steps", "1", cwd=tmp_path,
     )  # fmt: skip
@@ -68,7 +68,7 @@ def test_lr_drops_at_the_milestone_epoch_not_step(cifar_dir: Path, tmp_path: Pat
 
 def test_ddp_two_cpu_processes_train_and_write_once(cifar_dir: Path, tmp_path: Path) -> None:
     run_cli(
-        "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
+        "fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
         "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true", cwd=tmp_path,
     )  # fmt: skip
     versions = sorted(p.name for p in (tmp_path / "runs" / "scratch").iterdir())
@@ -82,7 +82,7 @@ def test_ddp_two_cpu_processes_train_and_write_once(cifar_dir: Path, tmp_path: P
 
 
 def test_bf16_mixed_runs_on_cpu(cifar_dir: Path, tmp_path: Path) -> None:
-    cli = run(["fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
+    cli = run(["fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
                 "--trainer.precision", "bf16-mixed"])  # fmt: skip
     assert cli.trainer.precision == "bf16-mixed"
     with cli.trainer.precision_plugin.forward_context():

@@ -27,9 +27,11 @@ from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet
-from conftest import CLI, CONFIGS, env_with_tests, run_cli, tiny_args
+from cli_process import CliProcess
+from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
 
-SCRATCH, FINETUNE = str(CONFIGS / "scratch.yaml"), str(CONFIGS / "finetune.yaml")
+# The seed recipes without their per-epoch figures: these tests are about what goes wrong.
+SCRATCH, FINETUNE = without_figures("scratch.yaml"), without_figures("finetune.yaml")
 
 
 def hashes(*roots: Path) -> dict[Path, str]:
@@ -256,9 +258,9 @@ atomic_save({{"state_dict": {{"w": torch.zeros(3)}}, "epoch": 1}}, {str(target)!
 
 
 def test_the_recipes_use_atomic_checkpoints_and_the_guards(cifar_dir: Path, tmp_path: Path) -> None:
-    for config in (SCRATCH, FINETUNE):
+    for config in (str(CONFIGS / "scratch.yaml"), str(CONFIGS / "finetune.yaml")):
         cli = run(["validate", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs"),
-                   "--model.init_args.weights", "null", "--data.output_size", "32"] if config == FINETUNE else
+                   "--model.init_args.weights", "null", "--data.output_size", "32"] if "finetune" in config else
                   ["validate", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs")])  # fmt: skip
         assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
         kinds = {type(c) for c in cli.trainer.callbacks}
@@ -381,18 +383,17 @@ def test_a_second_process_cannot_write_into_a_run_being_written(cifar_dir: Path,
     args = ["fit", "--config", str(run_dir / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             "--trainer.max_epochs", "3", "--ckpt_path", "last"]  # fmt: skip
     slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
-    first = subprocess.Popen([str(CLI), *args, *slow], cwd=tmp_path, env=env_with_tests(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = CliProcess([*args, *slow], tmp_path, env_with_tests())
     try:
         deadline = time.monotonic() + 120
         while not is_locked(run_dir / ".lock") and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert first.poll() is None, first.stderr.read()[-3000:]
+        assert first.poll() is None, first.communicate()[1][-3000:]
         err = fails(capsys, *args)
         assert f"Another cifar-resnet process is writing into '{run_dir}'" in err
     finally:
         first.kill()
-        first.wait(timeout=30)
-        first.stderr.close()
+        first.communicate(timeout=30)
     # The lock goes with its process, however it ended (here: SIGKILL).
     assert main([*args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", "last"]) is None
 

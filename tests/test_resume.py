@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 
 from cifar_resnet.checkpointing import find_last_checkpoint
 from cifar_resnet.data.datamodule import EpochShuffle
-from conftest import CLI, CONFIGS, env_with_tests, read_scalars, run_cli, tiny_args, warning_lines
+from cli_process import CliProcess
+from conftest import env_with_tests, read_scalars, run_cli, tiny_args, warning_lines, without_figures
 
 # Timing scalars differ between any two runs; everything else must not.
 TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib")
@@ -23,7 +23,7 @@ TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/wa
 def fit_args(cifar_dir: Path, save_dir: Path, *extra: str) -> list[str]:
     """A 3-epoch deterministic scratch run whose LR drops after epoch 2 (the seed's drop at 30, scaled down)."""
     return [
-        "fit", "--config", str(CONFIGS / "scratch.yaml"), *tiny_args(cifar_dir, save_dir),
+        "fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, save_dir),
         "--trainer.max_epochs", "3", "--trainer.deterministic", "true",
         "--model.init_args.lr_scheduler.init_args.milestones", "[2]", *extra,
     ]  # fmt: skip
@@ -58,8 +58,7 @@ def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted:
     last = run_dir / "checkpoints" / "last.ckpt"
     # Slowed down (without touching the numbers) so the kill lands in the second epoch.
     slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "0.5"]
-    proc = subprocess.Popen([str(CLI), *fit_args(cifar_dir, save_dir, *slow)], cwd=tmp_path, env=env_with_tests(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = CliProcess(fit_args(cifar_dir, save_dir, *slow), tmp_path, env_with_tests())
     try:
         deadline = time.monotonic() + 240
         while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -163,8 +162,7 @@ def test_epoch_shuffle_is_a_fixed_function_of_seed_and_epoch() -> None:
 def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(cifar_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "scratch" / "version_0"
     slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
-    proc = subprocess.Popen([str(CLI), *fit_args(cifar_dir, tmp_path / "runs", *slow)], cwd=tmp_path, env=env_with_tests(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = CliProcess(fit_args(cifar_dir, tmp_path / "runs", *slow), tmp_path, env_with_tests())
     try:
         deadline = time.monotonic() + 240
         while not list(run_dir.glob("events.out.tfevents.*")) and proc.poll() is None and time.monotonic() < deadline:

@@ -46,7 +46,8 @@ class ReviewedRun:
 def reviewed(cifar_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ReviewedRun:
     cwd = tmp_path_factory.mktemp("review")
     args = tiny_args(cifar_dir, cwd / "runs")
-    fit = run_cli("fit", "--config", CONFIG, *args, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "true", cwd=cwd)
+    # The installed command itself, so that warnings printed while it imports are seen too.
+    fit = run_cli("fit", "--config", CONFIG, *args, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "true", cwd=cwd, installed=True)
     found = re.search(r"^Best val/top1: ([0-9.]+), checkpoint: (.+)$", fit.stdout, re.MULTILINE)
     assert found, f"no summary line in:\n{fit.stdout[-2000:]}"
     best = cwd / found.group(2)
