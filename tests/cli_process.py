@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Callable
 
 CLI = Path(sys.executable).parent / "cifar-resnet"
 _CONTEXT = multiprocessing.get_context("forkserver")
@@ -30,8 +30,16 @@ def _redirect(fd: int, path: str) -> None:
     os.close(target)
 
 
-def _child(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
-    """The installed ``cifar-resnet`` script's body, in the forked process."""
+def cli_main(*args: str) -> None:
+    """The installed ``cifar-resnet`` script's body."""
+    sys.argv = [str(CLI), *args]
+    from cifar_resnet.cli import main
+
+    sys.exit(main())
+
+
+def _child(target: Callable[..., Any], args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: str) -> None:
+    """``target(*args)`` in the forked process, as in a freshly started one."""
     _redirect(1, stdout)
     if stderr == stdout:
         os.dup2(1, 2)
@@ -46,20 +54,25 @@ def _child(args: list[str], cwd: str, env: dict[str, str], stdout: str, stderr: 
     # Ctrl-C and SIGTERM as a freshly started Python has them (the forkserver ignores SIGINT).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.argv = [str(CLI), *args]
-    from cifar_resnet.cli import main
-
     try:
-        sys.exit(main())
+        target(*args)
     finally:
         atexit._run_exitfuncs()  # a forked child leaves with os._exit, which runs no atexit handlers
 
 
 class CliProcess:
     """A running ``cifar-resnet`` (see the module docstring), with the parts of :class:`subprocess.Popen`
-    the tests use: ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``, ``returncode``."""
+    the tests use: ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``, ``returncode``.
+    With ``target``, the process runs ``target(*args)`` instead (a function importable by name)."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        target: Callable[..., Any] = cli_main,
+    ) -> None:
         """Start ``cifar-resnet *args`` in ``cwd``; stdout and stderr go to ``log`` if given (and ``communicate``
         returns nothing), else to temporary files that ``communicate`` reads and removes."""
         self.args = [str(a) for a in args]
@@ -71,7 +84,7 @@ class CliProcess:
                 self._files.append(path)
         outputs = self._files or [str(log), str(log)]
         self._process = _CONTEXT.Process(
-            target=_child, args=(self.args, str(cwd), dict(os.environ if env is None else env), *outputs)
+            target=_child, args=(target, self.args, str(cwd), dict(os.environ if env is None else env), *outputs)
         )
         self._process.start()
         self.pid = self._process.pid

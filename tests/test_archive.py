@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import pickle
+import resource
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from cifar_resnet.data import CIFAR100DataModule, archive
 from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME, load_cifar100, safe_unpickle
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
+from cli_process import CliProcess
 
 
 def test_folder_and_targz_give_identical_tensors(cifar_dir: Path) -> None:
@@ -154,27 +156,23 @@ def test_truncated_archive_is_refused(cifar_dir: Path, tmp_path: Path) -> None:
 
 # --- hostile files: refused in bounded time and memory, nothing run, nothing crashed ------------------
 
-# Loads an archive in a child process whose memory is capped at 512 MB above what its imports took and
-# whose CPU time is capped at 60 s, so a regression fails this test instead of taking the test run down.
-SANDBOXED_LOAD = """
-import resource, sys
-from pathlib import Path
-from cifar_resnet.data.archive import load_cifar100
-from cifar_resnet.errors import UserError
-used = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
-resource.setrlimit(resource.RLIMIT_AS, (used + 2**29, used + 2**29))
-resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
-try:
-    load_cifar100(Path(sys.argv[1]))
-except UserError as err:
-    print(err)
-    sys.exit(2)
-"""
+def load_capped(source: str) -> None:
+    """``load_cifar100(source)`` with the memory capped at 512 MB above what the process holds and the CPU time
+    at 60 s, so that a regression fails a test instead of taking the test run down; exit 2 with the message
+    on a UserError."""
+    used = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + 2**29, used + 2**29))
+    resource.setrlimit(resource.RLIMIT_CPU, (60, 60))
+    try:
+        load_cifar100(Path(source))
+    except UserError as err:
+        print(err)
+        sys.exit(2)
 
 
 def sandboxed_load(source: Path) -> subprocess.CompletedProcess:
-    """``load_cifar100(source)`` in a memory- and time-capped child; exit 2 with the message on a UserError."""
-    return subprocess.run([sys.executable, "-c", SANDBOXED_LOAD, str(source)], capture_output=True, text=True, timeout=120)
+    """:func:`load_capped` in a child process of its own (forked with the imports done: tests/cli_process.py)."""
+    return CliProcess([str(source)], source.parent, target=load_capped).finish(timeout=120)
 
 
 def crafted_folder(cifar_dir: Path, tmp_path: Path, member: str, payload: bytes) -> Path:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from cifar_resnet.data.archive import load_cifar100
+from cli_process import CliProcess
 from conftest import CONFIGS, ROOT, read_scalars, run_cli, tiny_args, warning_lines
 
 CONFIG = str(CONFIGS / "scratch.yaml")
@@ -372,14 +373,20 @@ def test_validate_prints_the_report_on_its_own_lines_after_the_bar(reviewed: Rev
     assert json.loads(saved.read_text())["metrics"]["val/top1"] == pytest.approx(printed, abs=1e-4)
 
 
+def export_command(*args: str) -> None:
+    """What the ``cifar-resnet-export`` command runs (here in a process forked as tests/cli_process.py says)."""
+    from cifar_resnet.export import main
+
+    main(list(args))
+
+
 def test_export_to_onnx_matches_pytorch(reviewed: ReviewedRun, tmp_path: Path) -> None:
     import onnxruntime
 
     from cifar_resnet.export import network_of
 
     output = tmp_path / "model.onnx"
-    proc = subprocess.run([sys.executable, "-m", "cifar_resnet.export", str(reviewed.best), str(output)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = CliProcess([str(reviewed.best), str(output)], tmp_path, target=export_command).finish(timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(Path(f"{output}.json").read_text())
     checkpoint = torch.load(reviewed.best, map_location="cpu", weights_only=True)
