@@ -18,8 +18,8 @@ import torchvision
 import yaml
 
 from cifar_resnet.data.synthetic import write_synthetic_archive
-from cli_process import CLI, CliProcess
 from cifar_resnet.events import read_scalars  # noqa: F401 (tests import it from here)
+from cli_process import CLI, CliProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -35,12 +35,13 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With ``--dist loadgroup``, the tests that share a fitted run go to one worker, which runs them in a row:
-    the run is fitted once. The longest tests are sent first."""
+    the run is fitted once. Of the other tests, those marked heavy are sent first."""
     for item in items:
         shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
-    # Longest first, so that the workers finish together: the tests marked heavy, then the groups.
+    # pytest-xdist sends the groups first (most tests first), then single tests in this order: the heavy ones
+    # first, so that the workers finish together.
     items.sort(key=lambda item: 0 if item.get_closest_marker("heavy") else 1 if item.get_closest_marker("xdist_group") else 2)
 
 
@@ -59,11 +60,16 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def drop_figures(config: dict) -> dict:
+    """``config`` (a recipe as a dict) without its ClassFigures callback."""
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("ClassFigures")]
+    return config
+
+
 def recipe_copy(source: str, folder: Path, name: str | None = None, **changes: Any) -> Path:
     """A copy of ``configs/<source>`` in ``folder`` (as ``<name>.yaml``) without the per-epoch class figures
     (a second or more of drawing per epoch on a CPU), with ``changes`` (dotted keys) applied."""
-    config = yaml.safe_load((CONFIGS / source).read_text())
-    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("ClassFigures")]
+    config = drop_figures(yaml.safe_load((CONFIGS / source).read_text()))
     for key, value in changes.items():
         section, *path = key.split(".")
         node = config[section]

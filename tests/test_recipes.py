@@ -29,7 +29,7 @@ from cifar_resnet.data.transforms import random_crops
 from cifar_resnet.errors import UserError
 from cifar_resnet.schedules import WarmupDecayLR
 from cli_process import CliProcess
-from conftest import CONFIGS, env_with_tests, read_scalars, run_cli
+from conftest import CONFIGS, drop_figures, env_with_tests, read_scalars, run_cli
 
 # Lightning 2.6's own use of a torch API that newer torch deprecates (the CLI silences it too).
 LIGHTNING_LEAFSPEC = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
@@ -41,7 +41,7 @@ def short_ema_config(recipe: str, folder: Path, figures: bool = True) -> Path:
     figures if ``figures`` is false."""
     config = yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())
     if not figures:
-        config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("ClassFigures")]
+        drop_figures(config)
     (ema,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("EMAWeights")]
     ema["init_args"]["decay"] = 0.8
     path = folder / f"{recipe}.yaml"
