@@ -119,7 +119,7 @@ def test_max_minutes_stops_and_keeps_finished_rows_and_failures_are_rows(
     # How long one tiny recipe takes on this machine now, so the budget fits it and the next one, with room
     # (the fastest row: the first one also started the process that the runs are forked from).
     quick_s = min(r["fit_process_s"] + r["test_process_s"] for r in first["runs"] if r["recipe"] == "scratch")
-    budget_s = 1.5 * quick_s + 5
+    budget_s = 1.5 * quick_s + 8
     configs = tmp_path / "configs"
     quick = recipe_copy("scratch.yaml", configs)
     bad = recipe_copy("scratch.yaml", configs, "bad", **{"model.init_args.dropout": 2.0})
