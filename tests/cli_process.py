@@ -3,8 +3,9 @@
 Python's forkserver imports ``cifar_resnet.cli`` (torch, Lightning, ...) once; every run is forked from it and
 then calls the installed command's entry point, ``cifar_resnet.cli.main``, with its own ``sys.argv``, working
 folder, environment, stdout and stderr. Each run is its own process, as with the installed command: its own
-exit code, signals and global state. What only the installed script itself can show (the script, ``python -m``,
-import-time warnings, the working folder on ``sys.path``) is tested with real subprocesses instead.
+exit code, signals and global state. What only a newly started program can show (the installed script,
+``python -m``, import-time warnings, the working folder on ``sys.path``, the DDP ranks Lightning starts) is
+tested with real subprocesses instead.
 """
 
 from __future__ import annotations
