@@ -371,15 +371,15 @@ class ImageClassifier(LightningModule, ABC):
         per_step = isinstance(scheduler, WarmupDecayLR)
         if per_step:
             scheduler.set_total_steps(self.trainer.estimated_stepping_batches)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": "step" if per_step else "epoch",
-                "name": "train/lr",
-                "monitor": "val/loss",
-            },
-        }
+        config = {"scheduler": scheduler, "interval": "step" if per_step else "epoch", "name": "train/lr"}
+        if self.automatic_optimization:
+            config["monitor"] = "val/loss"  # for schedules that watch a metric (ReduceLROnPlateau)
+        elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise UserError(
+                "ReduceLROnPlateau watches val/loss, which the module's own training step (cuda_graph) does not "
+                "pass it. Set `--model.init_args.cuda_graph false` or choose another lr_scheduler."
+            )
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
 
 def _overrides(obj: object, name: str, base: type) -> bool:
