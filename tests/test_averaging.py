@@ -31,6 +31,7 @@ def evaluate(weights: dict[str, torch.Tensor], images: torch.Tensor, labels: tor
 
 @LIGHTNING_LEAFSPEC
 @pytest.mark.filterwarnings("ignore:.*loading a checkpoint outside the 'fit' stage")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_validation_test_and_predict_use_the_averaged_weights(cifar_dir: Path, tmp_path: Path) -> None:
     seed_everything(0)
     model = ScratchResNet(optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))

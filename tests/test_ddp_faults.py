@@ -15,6 +15,8 @@ from pathlib import Path
 from cli_process import CliProcess
 from conftest import env_with_tests, tiny_args, without_figures
 
+pytestmark = pytest.mark.slow  # every test here runs the program end to end (make test-fast leaves them out)
+
 # Start-up of two CPU processes takes ~15 s on a loaded 2-core machine; a hang would take 30 minutes (gloo's timeout).
 LIMIT_S = 120
 

@@ -234,6 +234,7 @@ def test_weights_file_of_another_architecture_on_the_command_line(cifar_dir: Pat
 # --- atomic checkpoints -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
     atomic_save({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, target)
@@ -257,6 +258,7 @@ atomic_save({{"state_dict": {{"w": torch.zeros(3)}}, "epoch": 1}}, {str(target)!
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
 
 
+@pytest.mark.slow
 def test_the_recipes_use_atomic_checkpoints_and_the_guards(cifar_dir: Path, tmp_path: Path) -> None:
     for config in (str(CONFIGS / "scratch.yaml"), str(CONFIGS / "finetune.yaml")):
         cli = run(["validate", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs"),
@@ -270,6 +272,7 @@ def test_the_recipes_use_atomic_checkpoints_and_the_guards(cifar_dir: Path, tmp_
 # --- training going wrong ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cifar_dir: Path, tmp_path: Path, capsys) -> None:
     args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.precision", "32-true"]
     assert main(["fit", "--config", SCRATCH, *args]) is None
@@ -448,6 +451,7 @@ def test_checkpoints_are_created_as_the_umask_says(trained: dict, tmp_path: Path
 # --- a config is code ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_config_cannot_import_modules_from_the_working_folder(cifar_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "evil.py").write_text(
         "from pathlib import Path\nPath('pwned').write_text('code ran')\n"

@@ -107,6 +107,7 @@ def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted:
     assert list(reference["train/lr"].values()) == pytest.approx([1e-3, 1e-3, 1e-4])
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_the_last_epoch_when_the_metric_stalls(cifar_dir: Path, tmp_path: Path) -> None:
     """With lr 0, val/top1 never improves after epoch 0: last.ckpt must still follow every epoch."""
     frozen = fit_args(cifar_dir, tmp_path / "runs", "--model.init_args.optimizer.init_args.lr", "0")
@@ -159,6 +160,7 @@ def test_epoch_shuffle_is_a_fixed_function_of_seed_and_epoch() -> None:
     assert list(EpochShuffle(50, seed=4)) != orders[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(cifar_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "scratch" / "version_0"
     slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
