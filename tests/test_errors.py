@@ -13,7 +13,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet
 from cli_process import CliProcess
 from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
+from faults import pause_point, wait_until_paused
 
 # The seed recipes without their per-epoch figures: these tests are about what goes wrong.
 SCRATCH, FINETUNE = without_figures("scratch.yaml"), without_figures("finetune.yaml")
@@ -385,13 +385,12 @@ def test_a_second_process_cannot_write_into_a_run_being_written(cifar_dir: Path,
     run_dir = copy_run(trained, tmp_path)
     args = ["fit", "--config", str(run_dir / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             "--trainer.max_epochs", "3", "--ckpt_path", "last"]  # fmt: skip
-    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
-    first = CliProcess([*args, *slow], tmp_path, env_with_tests())
+    pause = ["--trainer.callbacks+=faults.PauseAtStep", "--trainer.callbacks.fifo", str(pause_point(tmp_path))]
+    first = CliProcess([*args, *pause], tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 120
-        while not is_locked(run_dir / ".lock") and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, first.communicate()[1][-3000:]
+        # Paused at its first training step, long after it took the lock (in setup), until it is killed below.
+        wait_until_paused(tmp_path / "pause.fifo", first, timeout=120)
+        assert is_locked(run_dir / ".lock")
         err = fails(capsys, *args)
         assert f"Another cifar-resnet process is writing into '{run_dir}'" in err
     finally:
