@@ -35,13 +35,15 @@ class RecordLR(Callback):
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 @pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")  # Lightning 2.6 on newer torch
-def test_the_module_steps_the_per_step_schedule_after_every_optimizer_step() -> None:
+@pytest.mark.parametrize("cuda_graph", [False, True])  # Lightning's step; the module's own (uncaptured on a CPU)
+def test_the_module_steps_the_per_step_schedule_after_every_optimizer_step(cuda_graph: bool) -> None:
     steps_per_epoch, epochs, base_lr = 4, 2, 0.5
     torch.manual_seed(0)
     images, labels = torch.randn(4 * steps_per_epoch, 3, 2, 2), torch.randint(0, 100, (4 * steps_per_epoch,))
     model = TinyClassifier(
         optimizer=partial(torch.optim.SGD, lr=base_lr),
         lr_scheduler=partial(WarmupDecayLR, warmup=0.5, decay="linear"),  # warm-up: the first epoch; decay: the second
+        cuda_graph=cuda_graph,
     )
     record = RecordLR()
     trainer = Trainer(
