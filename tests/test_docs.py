@@ -253,3 +253,11 @@ def test_a_misspelt_flag_is_found(parsers: dict[str, ArgumentParser], monkeypatc
     errors = [command_error(parsers[c.program], list(c.args)) for c in commands]
     assert [e is not None for e in errors] == [True, True, False, True, True, False, False], errors
     assert "max_epochz" in errors[0] and "formt" in errors[3]
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    """A newcomer finds every page from the README's table."""
+    readme = without_code((ROOT / "README.md").read_text(encoding="utf-8"))
+    linked = {(ROOT / m.group(1).partition("#")[0]).resolve() for m in LINK.finditer(readme)}
+    unlinked = [path.name for path in DOCS[1:] if path.resolve() not in linked]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"
