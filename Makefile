@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # local CPU-only torch wheel (as on some build machines) so both come from the index.
 PIP := PIP_FIND_LINKS=$(CURDIR)/$(VENV) $(BIN)/python -m pip
 
-.PHONY: setup train finetune test docs-check smoke bench reproduce gpu-check tensorboard
+.PHONY: setup train finetune test test-fast docs-check smoke bench reproduce gpu-check tensorboard
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ finetune: setup  ## fine-tune ImageNet ResNet18 at 224x224
 
 test: setup  ## the test suite (one pytest-xdist worker per core; its size and time: bench/RESULTS.md)
 	$(BIN)/pytest
+
+# The unit tests: everything but the end-to-end runs (tests marked slow, and those that share a fitted run).
+test-fast: setup  ## the fast tier: unit tests only (its time: bench/RESULTS.md)
+	$(BIN)/pytest -m "not slow"
 
 docs-check: setup  ## README and docs/: dead links and #anchors, commands that no longer parse (seconds; trains nothing)
 	$(BIN)/pytest -n 0 -q tests/test_docs.py

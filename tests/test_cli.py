@@ -13,6 +13,8 @@ import yaml
 from cifar_resnet.cli import run
 from conftest import CONFIGS, read_scalars, run_cli, tiny_args, without_figures
 
+pytestmark = pytest.mark.slow  # every test here runs the program end to end (make test-fast leaves them out)
+
 
 def checkpoints(log_dir: Path) -> list[Path]:
     return sorted(log_dir.rglob("*.ckpt"))

@@ -41,6 +41,7 @@ def fit_args(recipe: str, data_dir: Path, save_dir: Path, *extra: str) -> list[s
 # ---- the module's own step does Lightning's math ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("recipe", "extra"),
     [
@@ -123,6 +124,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "cuda_graph"), CASES)
 def test_a_training_step_never_waits_for_the_device(
     recipe: str, cuda_graph: str, cifar_dir: Path, resnet18_weights: Path, tmp_path: Path
