@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cifar_resnet.checkpointing import check_checkpoint_fits
+from cifar_resnet.checkpointing import check_checkpoint_fits, stamp_schema
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
 from cifar_resnet.schedules import WarmupDecayLR
@@ -26,6 +26,10 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 
 class ImageClassifier(LightningModule, ABC):
     """Cross-entropy classification with top-1/top-5 accuracy; subclasses only build the network."""
+
+    # Settings that change what the network is: a checkpoint loads only under the values it was trained with.
+    # Any other setting, here or added later, may differ (checkpointing.check_checkpoint_fits).
+    network_settings: ClassVar[frozenset[str]] = frozenset({"num_classes"})
 
     def __init__(
         self,
@@ -173,6 +177,10 @@ class ImageClassifier(LightningModule, ABC):
         """Refuse a checkpoint of another model, version or settings with a short message."""
         check_checkpoint_fits(self, checkpoint, getattr(self._trainer, "ckpt_path", None))
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stamp the checkpoint with its layout's version."""
+        stamp_schema(checkpoint)
+
     def configure_optimizers(self) -> Any:
         """The optimizer and LR scheduler given in the config (see ``lr_scheduler`` for when it steps)."""
         optimizer = self.optimizer(parameter_groups(self, self.hparams.weight_decay_norm_and_bias))
@@ -211,6 +219,8 @@ def parameter_groups(module: nn.Module, decay_norm_and_bias: bool = True) -> lis
 
 class ScratchResNet(ImageClassifier):
     """The seed's ResNet for 32x32 images, trained from scratch."""
+
+    network_settings: ClassVar[frozenset[str]] = frozenset({"dropout"})
 
     def __init__(self, dropout: float = 0.3, optimizer: OptimizerCallable = torch.optim.Adam, **kwargs: Any) -> None:
         """

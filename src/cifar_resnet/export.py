@@ -15,24 +15,25 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.checkpointing import read_checkpoint
+from cifar_resnet.checkpointing import read_checkpoint, setting_defaults
+from cifar_resnet.classifier import FineTunedResNet18, ScratchResNet
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet, resnet18_for_cifar
 
 DATAMODULE_KEY = "CIFAR100DataModule"
+MODELS = {"ScratchResNet": ScratchResNet, "FineTunedResNet18": FineTunedResNet18}
 
 
 def network_of(checkpoint: dict[str, Any]) -> nn.Module:
     """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module)."""
     hparams = checkpoint.get("hyper_parameters", {})
     kind = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
-    num_classes = int(hparams.get("num_classes", 100))
-    if kind == "ScratchResNet":
-        net: nn.Module = SeedResNet(num_classes, float(hparams.get("dropout", 0.3)))
-    elif kind == "FineTunedResNet18":
-        net = resnet18_for_cifar(num_classes)
-    else:
-        raise UserError(f"The checkpoint holds a {kind or 'model of unknown kind'}; export knows ScratchResNet and FineTunedResNet18.")
+    if kind not in MODELS:
+        raise UserError(f"The checkpoint holds a {kind or 'model of unknown kind'}; export knows {' and '.join(MODELS)}.")
+    # A setting the checkpoint predates was trained as its default says (checkpointing.check_checkpoint_fits).
+    settings = {**setting_defaults(MODELS[kind]), **hparams}
+    num_classes = int(settings["num_classes"])
+    net: nn.Module = SeedResNet(num_classes, float(settings["dropout"])) if kind == "ScratchResNet" else resnet18_for_cifar(num_classes)
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()
 
