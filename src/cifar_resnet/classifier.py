@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal, get_args
 
@@ -180,6 +182,23 @@ class ImageClassifier(LightningModule, ABC):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Stamp the checkpoint with its layout's version."""
         stamp_schema(checkpoint)
+
+    @property
+    def lr(self) -> float | None:
+        """The optimizer's learning rate, which Lightning's ``LearningRateFinder`` reads and sets."""
+        keywords = getattr(self.optimizer, "keywords", None)  # the config's optimizer: a partial with every init arg
+        if keywords is not None:
+            return keywords.get("lr")
+        parameter = inspect.signature(self.optimizer).parameters.get("lr")  # a bare optimizer class
+        return None if parameter is None else parameter.default
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Set the learning rate of the optimizers built from now on, and in the recorded settings."""
+        self.optimizer = functools.partial(self.optimizer, lr=value)
+        recorded = self.hparams.get("optimizer")
+        if isinstance(recorded, dict) and isinstance(recorded.get("init_args"), dict):
+            recorded["init_args"]["lr"] = value
 
     def configure_optimizers(self) -> Any:
         """The optimizer and LR scheduler given in the config (see ``lr_scheduler`` for when it steps)."""

@@ -35,6 +35,7 @@ from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
 from cifar_resnet.predict import PredictionWriter
+from cifar_resnet.tuning import TUNERS, FollowTuners, is_tuner
 
 # Lightning messages that do not apply to this program or that a user cannot act on. Each is a
 # regular expression matched against the start of the message.
@@ -153,9 +154,27 @@ class SaveConfigSafely(SaveConfigCallback):
             return
         path = self._path(trainer)
         if trainer.is_global_zero:
-            text = self.parser.dump(self.config, skip_none=False)
+            text = self.parser.dump(_as_trained(self.config, trainer), skip_none=False)
             atomic_write(path, lambda f: f.write(text.encode()))
         self.already_saved = True
+
+
+def _as_trained(config: Namespace, trainer: Trainer) -> Namespace:
+    """``config`` with the learning rate and batch size a tuner chose in place of the given ones, and without
+    the tuners, so that a resume with the run's ``config.yaml`` trains on with them instead of tuning again."""
+    callbacks = config.trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if trainer.lightning_module is None or not any(is_tuner(c.get("class_path")) for c in callbacks if isinstance(c, Namespace)):
+        return config
+    config = config.clone()
+    config.trainer.callbacks = [c for c in callbacks if not (isinstance(c, Namespace) and is_tuner(c.get("class_path")))]
+    optimizer = config.model.init_args.get("optimizer") if config.get("model") else None
+    lr = getattr(trainer.lightning_module, "lr", None)
+    if isinstance(optimizer, Namespace) and isinstance(optimizer.get("init_args"), Namespace) and lr is not None:
+        optimizer.init_args.lr = lr
+    if trainer.datamodule is not None and config.get("data") and "batch_size" in trainer.datamodule.hparams:
+        config.data.batch_size = trainer.datamodule.hparams.batch_size
+    return config
 
 
 DESCRIPTION = (
@@ -182,6 +201,9 @@ OPTION_HELP = {
         "new version folder. Its class names and input settings come with it, so predict on image files "
         "needs no CIFAR-100 archive."
     ),
+    "optimizer": "The model's optimizer (the same as --model.init_args.optimizer): class and arguments, e.g. "
+    "--optimizer torch.optim.SGD --optimizer.lr 0.1. The recipe's LR schedule and parameter groups stay.",
+    "lr_scheduler": "The model's LR scheduler (the same as --model.init_args.lr_scheduler); see --model.help for when it steps.",
     "weights_only": (
         "Load checkpoints with torch.load(weights_only=True) (the default here): tensors and plain values only, "
         "so a checkpoint cannot run code. Use false only for a checkpoint you trust that needs it."
@@ -235,6 +257,7 @@ class CifarCLI(LightningCLI):
                 # The recipes autotune cuDNN, which would make `deterministic: true` silently non-deterministic.
                 trainer.benchmark = False
             _check_values(config)
+            _optimizer_flags_to_model(config)
             self._resolve_run(subcommand, config)
 
     def _parse_ckpt_path(self) -> None:
@@ -280,7 +303,13 @@ class CifarCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with Lightning's complaints about its settings turned into a short error."""
-        with_fixed_format_bar(self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"], kwargs)
+        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        with_fixed_format_bar(trainer_config, kwargs)
+        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if any(isinstance(callback, TUNERS) for callback in callbacks):
+            # Lightning runs the tuners first; FollowTuners must come next, before anything records the settings.
+            kwargs["callbacks"] = [FollowTuners(), *callbacks]
         try:
             return super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
@@ -326,6 +355,22 @@ class CifarCLI(LightningCLI):
         for action in parser._actions:
             action.help = OPTION_HELP.get(action.dest, action.help)
         return parser
+
+
+def _optimizer_flags_to_model(config: Namespace) -> None:
+    """Make Lightning's top-level ``--optimizer`` and ``--lr_scheduler`` set the model's own ``optimizer`` and
+    ``lr_scheduler``: the recipe's parameter groups and (for ``--optimizer``) its LR schedule stay, and
+    ``config.yaml``, hparams.yaml and the HPARAMS tab record what trains (Lightning would replace the model's
+    ``configure_optimizers`` behind the recorded settings' back)."""
+    model = config.get("model")
+    for key in ("optimizer", "lr_scheduler"):
+        given = config.get(key)
+        if given is None:
+            continue
+        if not isinstance(model, Namespace) or not isinstance(model.get("init_args"), Namespace):
+            raise UserError(f"`--{key}` sets the model's {key}, but the config names no model. Give `--model` (or a recipe with --config).")
+        model.init_args[key] = given
+        config[key] = None
 
 
 def _check_values(config: Namespace) -> None:
