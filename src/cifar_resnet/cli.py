@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
-from cifar_resnet.callbacks import FixedFormatProgressBar, RunFolderLock, StopChildProcessesOnError
+from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import (
     LAST,
     WRITE_ERRORS,
@@ -271,18 +272,26 @@ class CifarCLI(LightningCLI):
 
     def _resolve_run(self, subcommand: str, config: Namespace) -> None:
         """Turn ``last`` into the run's newest checkpoint and continue that run's folder; any other
-        command writes a new version folder, never into an existing one."""
+        command writes a new version folder, never into an existing one. Without a logger
+        (``--trainer.logger false``) the run folder is ``<default_root_dir or runs>/<recipe>/version_N``
+        all the same."""
         if config.get("weights_only") is None:
             config.weights_only = True
+        self._run_dir: Path | None = None
         logger = config.trainer.get("logger")
-        experiment = _experiment_dir(logger)
-        if experiment is None:
-            return
-        init_args = logger.init_args
-        pinned = init_args.get("version")
-        if pinned is not None and (experiment / str(pinned)).exists():
-            # A run's config.yaml pins its version: a new command must not write into that run.
-            init_args.version = None
+        if logger is False:
+            experiment = Path(config.trainer.get("default_root_dir") or "runs") / _recipe_name(config)
+            self._run_dir = experiment / f"version_{_next_version(experiment)}"
+            init_args = None
+        else:
+            experiment = _experiment_dir(logger)
+            if experiment is None:
+                return
+            init_args = logger.init_args
+            pinned = init_args.get("version")
+            if pinned is not None and (experiment / str(pinned)).exists():
+                # A run's config.yaml pins its version: a new command must not write into that run.
+                init_args.version = None
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             found = find_last_checkpoint(experiment)
@@ -297,7 +306,10 @@ class CifarCLI(LightningCLI):
         run_dir = Path(ckpt_path).resolve().parent.parent
         if run_dir.parent == experiment.resolve():
             # Resuming: write logs and checkpoints into the run's own folder, not in a new version_N+1.
-            init_args.version = run_dir.name
+            if init_args is not None:
+                init_args.version = run_dir.name
+            else:
+                self._run_dir = run_dir
             # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
 
@@ -310,10 +322,15 @@ class CifarCLI(LightningCLI):
         if any(isinstance(callback, TUNERS) for callback in callbacks):
             # Lightning runs the tuners first; FollowTuners must come next, before anything records the settings.
             kwargs["callbacks"] = [FollowTuners(), *callbacks]
+        if getattr(self, "_run_dir", None) is not None:
+            kwargs["default_root_dir"] = str(self._run_dir)  # not in config.yaml: a later command decides its own
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
             raise UserError(f"Invalid trainer settings: {err}") from err
+        if not trainer.loggers:
+            _without_logger_callbacks(trainer)
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         """Check what only the built model and data can tell, before any work starts."""
@@ -397,6 +414,39 @@ def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> 
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if not any(isinstance(callback, ProgressBar) for callback in callbacks):
         kwargs["callbacks"] = [*callbacks, FixedFormatProgressBar()]
+
+
+# Callbacks that only write to a logger (Lightning's raise an error without one).
+NEEDS_LOGGER = (LearningRateMonitor, DeviceStatsMonitor, HParamsSummary)
+
+
+def _without_logger_callbacks(trainer: Trainer) -> None:
+    """Take the callbacks that only write to a logger out of a Trainer that has none, and say so in one line."""
+    aside = [callback for callback in trainer.callbacks if isinstance(callback, NEEDS_LOGGER)]
+    if aside:
+        trainer.callbacks = [callback for callback in trainer.callbacks if callback not in aside]
+        names = sorted({type(callback).__name__ for callback in aside})
+        rank_zero_info(f"No logger (trainer.logger false): {', '.join(names)} {'step' if len(names) > 1 else 'steps'} aside (they only write to a logger).")
+
+
+def _recipe_name(config: Namespace) -> str:
+    """The run's name without a logger: the first ``--config`` file's name (``configs/fast.yaml``: ``fast``; a run's
+    own ``<name>/version_N/config.yaml``: ``<name>``), else the model's class."""
+    files = config.get("config") or []
+    if files:
+        first = Path(str(files[0]))
+        if first.parent.name.startswith("version_") and first.parent.parent.name:
+            return first.parent.parent.name
+        return first.stem
+    model = config.get("model")
+    class_path = model.get("class_path") if isinstance(model, Namespace) else None
+    return str(class_path or "lightning_logs").rsplit(".", 1)[-1].lower()
+
+
+def _next_version(experiment: Path) -> int:
+    """The next free ``version_N`` in ``experiment``, as Lightning's loggers count."""
+    taken = [int(p.name.split("_", 1)[1]) for p in experiment.glob("version_*") if p.is_dir() and p.name.split("_", 1)[1].isdigit()]
+    return max(taken) + 1 if taken else 0
 
 
 def _experiment_dir(logger: Any) -> Path | None:
