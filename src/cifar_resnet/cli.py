@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -178,11 +179,20 @@ def _as_trained(config: Namespace, trainer: Trainer) -> Namespace:
     return config
 
 
+# The recipes in configs/, and what each is.
+RECIPE_FILES = {
+    "configs/scratch.yaml": "the seed's ResNet from scratch",
+    "configs/finetune.yaml": "the seed's fine-tuning of ImageNet ResNet18",
+    "configs/fast.yaml": "a modern recipe for the seed's ResNet",
+    "configs/finetune_fast.yaml": "a modern fine-tuning of ResNet18",
+}
+DEBUG_OVERLAY = "configs/debug.yaml"
+RECIPE_LIST = "; ".join(f"{path} ({what})" for path, what in RECIPE_FILES.items())
 DESCRIPTION = (
     "cifar-resnet trains and evaluates ResNets on CIFAR-100 with PyTorch Lightning. A YAML config is the "
-    "experiment: configs/scratch.yaml (the seed's ResNet from scratch) and configs/finetune.yaml (ImageNet "
-    "ResNet18, fine-tuned); any setting can be overridden on the command line. Runs, checkpoints and "
-    "TensorBoard logs go to runs/<name>/version_N/. See README.md."
+    f"experiment: {RECIPE_LIST}. Any setting can be overridden on the command line; add --config "
+    f"{DEBUG_OVERLAY} after a recipe for a quick run on the CPU. Runs, checkpoints and TensorBoard logs go to "
+    "runs/<name>/version_N/. See README.md."
 )
 SUBCOMMANDS = {
     "fit": "Train a model as the config says, or resume a run with --ckpt_path last.",
@@ -191,9 +201,9 @@ SUBCOMMANDS = {
     "predict": "Give the top-5 classes of your own images (--data.predict_path) from a checkpoint, as a CSV.",
 }
 RECIPES = (
-    " Start from a recipe: --config configs/scratch.yaml, finetune.yaml, fast.yaml or finetune_fast.yaml "
-    "(README.md, \"The four recipes\"). Each model's own settings: --model.help ScratchResNet or --model.help "
-    "FineTunedResNet18."
+    f" Start from a recipe: --config {', '.join(RECIPE_FILES)} (README.md, \"The four recipes\"); add --config "
+    f"{DEBUG_OVERLAY} after it for a quick CPU run. Each model's own settings: --model.help ScratchResNet or "
+    "--model.help FineTunedResNet18."
 )
 OPTION_HELP = {
     "ckpt_path": (
@@ -483,7 +493,16 @@ def main(args: ArgsType = None) -> None:
     try:
         run(args)
     except ArgumentError as err:
-        print(f"cifar-resnet: error: {err}\nSee `cifar-resnet <subcommand> --help` for the options.", file=sys.stderr)
+        no_model = re.search(r"arguments are required: (\w+)\.model\b", str(err))
+        if no_model:
+            print(
+                f"cifar-resnet: error: no model or recipe given. Start from a recipe: cifar-resnet {no_model.group(1)} "
+                f"--config configs/scratch.yaml; the recipes are {RECIPE_LIST}. Add --config {DEBUG_OVERLAY} after "
+                "it for a quick CPU run.",
+                file=sys.stderr,
+            )
+        else:
+            print(f"cifar-resnet: error: {err}\nSee `cifar-resnet <subcommand> --help` for the options.", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as stop:
         argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]
