@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import warnings
@@ -17,6 +19,7 @@ import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -240,6 +243,23 @@ class CifarCLI(LightningCLI):
             if isinstance(exit_.__context__, KeyboardInterrupt):
                 raise self._interrupted(signal.SIGINT) from None
             raise
+        except Exception:
+            self._drop_unused_run_folder()
+            raise
+
+    def _drop_unused_run_folder(self) -> None:
+        """After a command failed: remove the version folder it made if nothing but its lock and settings
+        went in (no checkpoint, log or report), so that failed commands leave no empty runs behind."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not getattr(self, "_new_run_folder", False) or not trainer.is_global_zero:
+            return
+        # Not trainer.log_dir: it broadcasts, which a failed DDP job must not do.
+        folder = Path(trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir)
+        if not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
+            return
+        files = [p for p in folder.rglob("*") if not p.is_dir()]
+        if all(p.name in UNUSED_RUN_FILES for p in files):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _interrupted(self, signum: signal.Signals) -> Interrupted:
         """What to tell the user: the epoch that stopped and the newest checkpoint of the run."""
@@ -289,6 +309,7 @@ class CifarCLI(LightningCLI):
         if config.get("weights_only") is None:
             config.weights_only = True
         self._run_dir: Path | None = None
+        self._new_run_folder = True  # until it turns out to resume a run in its folder
         logger = config.trainer.get("logger")
         if logger is False:
             experiment = Path(config.trainer.get("default_root_dir") or "runs") / _recipe_name(config)
@@ -321,6 +342,7 @@ class CifarCLI(LightningCLI):
                 init_args.version = run_dir.name
             else:
                 self._run_dir = run_dir
+            self._new_run_folder = False
             # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
 
@@ -341,6 +363,8 @@ class CifarCLI(LightningCLI):
             raise UserError(f"Invalid trainer settings: {err}") from err
         if not trainer.loggers:
             _without_logger_callbacks(trainer)
+        if not getattr(self, "_new_run_folder", True):
+            _keep_csv_rows(trainer)
         return trainer
 
     def after_instantiate_classes(self) -> None:
@@ -427,6 +451,9 @@ def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> 
         kwargs["callbacks"] = [*callbacks, FixedFormatProgressBar()]
 
 
+# What a command writes into its new version folder before it does any work (RunFolderLock, SaveConfigSafely,
+# the loggers' hyper-parameters).
+UNUSED_RUN_FILES = {".lock", "config.yaml", "hparams.yaml"}
 # Callbacks that only write to a logger (Lightning's raise an error without one).
 NEEDS_LOGGER = (LearningRateMonitor, DeviceStatsMonitor, HParamsSummary)
 
@@ -438,6 +465,26 @@ def _without_logger_callbacks(trainer: Trainer) -> None:
         trainer.callbacks = [callback for callback in trainer.callbacks if callback not in aside]
         names = sorted({type(callback).__name__ for callback in aside})
         rank_zero_info(f"No logger (trainer.logger false): {', '.join(names)} {'step' if len(names) > 1 else 'steps'} aside (they only write to a logger).")
+
+
+def _keep_csv_rows(trainer: Trainer) -> None:
+    """Keep the rows a resumed run's ``CSVLogger`` wrote before: Lightning's CSV writer deletes an existing
+    ``metrics.csv`` when it starts (then appends to the file it writes). The file is moved aside while the
+    writer starts, then put back, and the writer continues it under its header."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
+            continue
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        aside = metrics.with_name(".metrics.csv.resumed")
+        os.replace(metrics, aside)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment
+        os.replace(aside, metrics)
+        with metrics.open(newline="") as file:
+            writer.metrics_keys = sorted(next(csv.reader(file), []))
 
 
 def _recipe_name(config: Namespace) -> str:
