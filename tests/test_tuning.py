@@ -47,6 +47,10 @@ def test_top_level_optimizer_flags_set_the_models_optimizer_and_are_recorded(cif
     assert hparams["optimizer"]["class_path"] == "torch.optim.AdamW" and hparams["optimizer"]["init_args"]["lr"] == 0.01
     tab = hparams_tab(run_dir)
     assert tab["optimizer/class_path"] == "torch.optim.AdamW" and tab["optimizer/init_args/lr"] == pytest.approx(0.01)
+    # The tab leads with what people compare, and leaves out switches nobody set.
+    assert tab["recipe"] == "fast" and tab["max_epochs"] == 1 and tab["batch_size"] == 50
+    assert not {"optimizer/init_args/foreach", "optimizer/init_args/capturable", "optimizer/init_args/fused"} & tab.keys()
+    assert "capturable" in hparams["optimizer"]["init_args"], "hparams.yaml keeps every setting"
     # What trained: AdamW, with the recipe's two weight-decay groups and its per-step schedule from lr 0.01.
     (state,) = checkpoint["optimizer_states"]
     assert [g["name"] for g in state["param_groups"]] == ["decay", "no_decay"] and "exp_avg" in next(iter(state["state"].values()))
