@@ -23,10 +23,13 @@ def test_every_subcommand_works_without_a_logger(cifar_dir: Path, tmp_path: Path
     runs = tmp_path / "runs" / "scratch"  # the recipe's name, as with its TensorBoard logger
     last = torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1, "the resumed fit trained on in its own folder"
-    assert (runs / "version_1" / "test_report.json").is_file() and (runs / "version_2" / "val_report.json").is_file()
-    assert (runs / "version_3" / "predictions.csv").is_file() and (runs / "version_3" / "config.yaml").is_file()
+    # Each evaluation in its own folder, named after the run it evaluates.
+    assert (runs / "version_0-test" / "test_report.json").is_file() and (runs / "version_0-validate" / "val_report.json").is_file()
+    assert (runs / "version_0-predict" / "predictions.csv").is_file() and (runs / "version_0-predict" / "config.yaml").is_file()
+    main(["test", *args, "--ckpt_path", "last"])
+    assert (runs / "version_0-test-2" / "test_report.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"], "no .lock, checkpoint or report in the working folder"
     aside = [r.getMessage() for r in caplog.records if "step aside" in r.getMessage()]
-    assert len(aside) == 5 and aside[0] == (
+    assert len(aside) == 6 and aside[0] == (
         "No logger (trainer.logger false): HParamsSummary, LearningRateMonitor step aside (they only write to a logger)."
     )

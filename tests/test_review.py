@@ -68,7 +68,7 @@ def test_fit_ends_with_the_best_score_and_checkpoint_and_no_warnings(reviewed: R
 
 
 def test_test_report_table_and_json_match_the_logged_metrics(reviewed: ReviewedRun) -> None:
-    run_dir = reviewed.runs / "scratch" / "version_1"
+    run_dir = reviewed.runs / "scratch" / "version_0-test"
     report = json.loads((run_dir / "test_report.json").read_text())
     logged = read_scalars(run_dir)
     for name in ("test/top1", "test/top5", "test/loss"):
@@ -136,7 +136,7 @@ class TensorBoardServer:
 
 
 def test_tensorboard_serves_scalars_figures_and_hparams(reviewed: ReviewedRun) -> None:
-    fit_run, test_run = "scratch/version_0", "scratch/version_1"
+    fit_run, test_run = "scratch/version_0", "scratch/version_0-test"
     server = TensorBoardServer(reviewed.runs)
     try:
         server.wait_until_loaded(test_run)

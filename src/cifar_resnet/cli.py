@@ -333,7 +333,15 @@ class CifarCLI(LightningCLI):
                 config.ckpt_path = None  # as Lightning does: a first run with `--ckpt_path last` starts from scratch
                 return
             config.ckpt_path = ckpt_path = str(found)
-        if subcommand != "fit" or not ckpt_path or ckpt_path in ("best", "hpc"):
+        if subcommand != "fit":
+            # Its own folder, named after what it evaluates: runs/scratch/version_0-test for version_0's checkpoint.
+            name = _evaluation_folder(experiment, ckpt_path, subcommand)
+            if init_args is None:
+                self._run_dir = experiment / name
+            elif init_args.get("version") is None:
+                init_args.version = name
+            return
+        if not ckpt_path or ckpt_path in ("best", "hpc"):
             return
         run_dir = Path(ckpt_path).resolve().parent.parent
         if run_dir.parent == experiment.resolve():
@@ -499,6 +507,22 @@ def _recipe_name(config: Namespace) -> str:
     model = config.get("model")
     class_path = model.get("class_path") if isinstance(model, Namespace) else None
     return str(class_path or "lightning_logs").rsplit(".", 1)[-1].lower()
+
+
+def _evaluation_folder(experiment: Path, ckpt_path: str | None, subcommand: str) -> str:
+    """The version folder of a ``test``, ``validate`` or ``predict``: ``<run>-<subcommand>`` for a checkpoint
+    of a run of ``experiment`` (``version_0-test``), ``<checkpoint file>-<subcommand>`` for another checkpoint,
+    then ``-2``, ``-3``, ... once taken. Lightning numbers the ``fit`` runs alone (``version_N``)."""
+    if ckpt_path and ckpt_path not in ("best", "hpc"):
+        path = Path(ckpt_path).resolve()
+        run = path.parent.parent
+        base = run.name if path.parent.name == "checkpoints" and run.parent == experiment.resolve() else path.stem
+    else:
+        base = ckpt_path or "untrained"
+    name, n = f"{base}-{subcommand}", 2
+    while (experiment / name).exists():
+        name, n = f"{base}-{subcommand}-{n}", n + 1
+    return name
 
 
 def _next_version(experiment: Path) -> int:
