@@ -142,14 +142,19 @@ def newer_program(network: bool):
 def test_a_setting_the_checkpoint_predates_takes_its_default_with_one_line(cifar_dir: Path, old_run: Path, tmp_path: Path, caplog) -> None:
     from lightning.pytorch import Trainer
 
-    model = fast_model(newer_program(network=False), width=2)  # not a network setting: may differ
+    newer = newer_program(network=False)
+    model = fast_model(newer, width=2)  # not a network setting: may differ
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=1)
     with caplog.at_level(logging.INFO):
         trainer.validate(model, CIFAR100DataModule(str(cifar_dir), val_size=100, eval_batch_size=50), ckpt_path=old_run)
     lines = [r.getMessage() for r in caplog.records if "predates" in r.getMessage()]
+    # width, and whatever settings the program gained since f2a034b (cuda_graph, ...), each with its default.
+    defaults = setting_defaults(newer)
+    missing = sorted(defaults.keys() - old_checkpoint(old_run)["hyper_parameters"].keys())
+    assert "width" in missing
     assert lines == [
-        f"The checkpoint '{old_run}' predates the settings width (checkpoint schema 0, this program's {SCHEMA_VERSION}); "
-        "it was trained as their defaults say: width=1."
+        f"The checkpoint '{old_run}' predates the settings {', '.join(missing)} (checkpoint schema 0, this program's "
+        f"{SCHEMA_VERSION}); it was trained as their defaults say: {', '.join(f'{k}={defaults[k]!r}' for k in missing)}."
     ]
     assert not list(tmp_path.iterdir()), "validate without a logger writes nothing"
 
