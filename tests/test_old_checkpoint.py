@@ -139,6 +139,9 @@ def newer_program(network: bool):
     return ScratchResNet
 
 
+# A plain Trainer without the recipe's callbacks (whose state the checkpoint holds), on purpose.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
 def test_a_setting_the_checkpoint_predates_takes_its_default_with_one_line(cifar_dir: Path, old_run: Path, tmp_path: Path, caplog) -> None:
     from lightning.pytorch import Trainer
 
