@@ -363,9 +363,9 @@ def test_commands_with_a_resumed_runs_config_never_write_into_that_run(cifar_dir
     main(["test", "--config", str(config), *save_dir, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     main(["fit", "--config", str(config), *save_dir, "--ckpt_path", "null"])  # a new run from the same recipe
     assert_intact(before)
-    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0", "version_1", "version_2"]
-    assert (run_dir.parent / "version_1" / "test_report.json").is_file()
-    assert (run_dir.parent / "version_2" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0", "version_0-test", "version_1"]
+    assert (run_dir.parent / "version_0-test" / "test_report.json").is_file()
+    assert (run_dir.parent / "version_1" / "checkpoints" / "last.ckpt").is_file()
 
 
 def is_locked(path: Path) -> bool:

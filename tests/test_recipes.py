@@ -330,7 +330,7 @@ def test_recipe_learns_and_a_zeroed_loss_does_not(recipe: str, learnable_dir: Pa
                 assert lr == pytest.approx(base * expected_factor(step, steps, 0.1, decay), rel=1e-5), step
             last = run_dir / "checkpoints" / "last.ckpt"
             proc = run_cli("test", *args, "--ckpt_path", str(last), cwd=tmp_path, installed=True)
-            test_scalars = read_scalars(save_dir / recipe / "version_1")
+            test_scalars = read_scalars(save_dir / recipe / "version_0-test")
             assert {"test/top1", "test/top5", "test/top1_tta", "test/top5_tta"} <= test_scalars.keys()
             assert "test/top1" in proc.stdout
     # 100 classes: chance is 1 %.
