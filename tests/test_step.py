@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from lightning.pytorch import LightningModule
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -158,8 +159,8 @@ def test_a_training_step_never_waits_for_the_device(
 # ---- the EMA ------------------------------------------------------------------------------------
 
 
-class Holder(nn.Module):
-    """A stand-in for a LightningModule: one layer with a parameter, a float buffer and an integer buffer."""
+class Holder(LightningModule):
+    """A module with one layer: parameters, a float buffer and an integer buffer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -189,6 +190,18 @@ def test_ema_update_is_the_ema_formula(warmup: bool) -> None:
             assert torch.allclose(a, e, rtol=1e-6, atol=1e-7), (t, a, e)
         assert int(averaged.num_batches_tracked) == t * 7, "integer buffers are copied"
         assert int(ema._average_model.n_averaged) == t + 1
+
+
+def test_a_new_fit_averages_into_its_new_average() -> None:
+    """Each fit's setup makes a new average; updates must go into it, not into the last fit's tensors."""
+    model, ema = Holder(), EMAWeights(decay=0.5)
+    for _ in range(2):
+        ema.setup(None, model, "fit")
+        average = ema._average_model
+        with torch.no_grad():
+            model.layer.weight.add_(1.0)
+        ema.update(model)
+        assert torch.equal(average.module.layer.weight, model.layer.weight), "the first update copies the weights"
 
 
 def test_ema_settings_are_checked() -> None:
