@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_resnet import FineTunedResNet18, ScratchResNet
 from cifar_resnet.averaging import EMAWeights
+from cifar_resnet.checkpointing import SCHEMA_KEY
 from cifar_resnet.schedules import WarmupDecayLR
 from cifar_resnet.step import TrainStep, execution_settings, portable_optimizer_state, prepare_for_capture
 from conftest import CONFIGS, env_with_tests, read_scalars, run_cli, without_figures
@@ -239,6 +240,21 @@ def test_schedule_fills_the_learning_rate_tensor_the_step_reads() -> None:
     # The checkpoint of a captured run holds the LR as a number and the optimizer as configured.
     state = portable_optimizer_state(optimizer.state_dict(), configured)
     assert isinstance(state["param_groups"][0]["lr"], float) and not state["param_groups"][0]["fused"]
+
+
+def test_a_captured_runs_checkpoint_holds_the_optimizer_as_configured() -> None:
+    """A captured step runs Adam ``capturable`` with tensor learning rates; its checkpoints must not, or they
+    would not load on a CPU (or into an eager run)."""
+    model = ScratchResNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model._configured_settings, model._capture = execution_settings(optimizer), True
+    for group in optimizer.param_groups:  # what prepare_for_capture does on a GPU
+        group["lr"], group["capturable"] = torch.tensor(1e-3), True
+    checkpoint = {"optimizer_states": [optimizer.state_dict()]}
+    model.on_save_checkpoint(checkpoint)
+    (group,) = checkpoint["optimizer_states"][0]["param_groups"]
+    assert group["lr"] == pytest.approx(1e-3) and isinstance(group["lr"], float) and group["capturable"] is False
+    assert SCHEMA_KEY in checkpoint, "the schema stamp is still written"
 
 
 def test_a_restored_checkpoint_drops_the_captured_graph(tmp_path: Path) -> None:
