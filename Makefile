@@ -40,6 +40,7 @@ test-latest: setup  ## the test suite against the newest Lightning release
 		"$$($(LATEST)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-project-venv.pth"
 	PIP_FIND_LINKS= $(LATEST)/bin/python -m pip install --quiet --upgrade lightning
 	PIP_FIND_LINKS= $(LATEST)/bin/python -m pip install --quiet --no-deps -e .
+	ln -sf "$(abspath $(BIN))/tensorboard" $(LATEST)/bin/tensorboard  # the tests start TensorBoard from beside python
 	$(LATEST)/bin/python -c "import lightning, torch; print('lightning', lightning.__version__, 'torch', torch.__version__)"
 	$(LATEST)/bin/python -m pytest
 
