@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -13,7 +15,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from cifar_resnet.callbacks import ClassFigures
 from cifar_resnet.checkpointing import AtomicCheckpointIO
+from cifar_resnet.drawing import deliver, render
 
 
 class RaiseOnRank(Callback):
@@ -139,3 +143,44 @@ class FullDiskCheckpointIO(AtomicCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
         finally:
             torch.save = real_save
+
+
+class RecordedClassFigures(ClassFigures):
+    """ClassFigures that also draws every figure on the training thread, and writes to ``out`` (JSON lines)
+    each delivery: where it was drawn (``foreground`` or the ``background`` thread), its tag, step, the
+    hash of its pixels and the training step reached when it was drawn. The first background drawing is
+    held until training has gone on into the next epoch, so it cannot be drawn from numbers copied late."""
+
+    def __init__(self, out: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+        self._trainer: Trainer | None = None
+        self._go_on = threading.Event()
+        self._held_epoch: int | None = None
+
+    def _record(self, where: str) -> Any:
+        def sink(tag: str, figure: Any, step: int) -> None:
+            pixels = render(figure)
+            entry = {"where": where, "thread": threading.current_thread().name, "tag": tag, "step": step,
+                     "pixels": hashlib.sha256(pixels.tobytes()).hexdigest(), "shape": list(pixels.shape),
+                     "trained_to": self._trainer.global_step}  # fmt: skip
+            with open(self.out, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+        return sink
+
+    def sinks(self, trainer: Trainer) -> list[Any]:
+        self._trainer = trainer
+        return [*super().sinks(trainer), self._record("background" if self.background else "foreground")]
+
+    def _submit(self, trainer: Trainer, draw: Any) -> None:
+        self._trainer = trainer
+        deliver(draw(), trainer.global_step, [self._record("foreground")])
+        if self._held_epoch is None:
+            self._held_epoch = trainer.current_epoch
+            self._worker.submit(lambda: self._go_on.wait(timeout=120))
+        super()._submit(trainer, draw)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._held_epoch is not None and trainer.current_epoch > self._held_epoch and batch_idx >= 1:
+            self._go_on.set()
