@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -16,7 +17,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from cifar_resnet.callbacks import ClassFigures
-from cifar_resnet.checkpointing import AtomicCheckpointIO
+from cifar_resnet.checkpointing import AtomicCheckpointIO, atomic_write
 from cifar_resnet.drawing import deliver, render
 
 
@@ -183,4 +184,55 @@ class RecordedClassFigures(ClassFigures):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._held_epoch is not None and trainer.current_epoch > self._held_epoch and batch_idx >= 1:
+            self._go_on.set()
+
+
+class HoldCheckpointWrites(Callback):
+    """Holds the background writes of the checkpoints of one epoch, to see what training going on does to them.
+
+    Saves to ``<folder>/snapshot.pt`` the weights and optimizer state at the end of epoch ``epoch`` (just before
+    its checkpoints are asked for). Then, with ``stall`` false, holds their writes until training has taken two
+    steps of the next epoch, writes them, copies each file into ``folder`` and notes in ``written.json`` the step
+    training had reached; with ``stall`` true, writes part of the first one, writes ``<folder>/stalled`` and
+    blocks forever, for a test to kill the process in the middle of a background write.
+    """
+
+    def __init__(self, folder: str, epoch: int = 0, stall: bool = False) -> None:
+        self.folder, self.epoch, self.stall = Path(folder), epoch, stall
+        self._go_on = threading.Event()
+        self._trainer: Trainer | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trainer = trainer
+        inner = trainer.strategy.checkpoint_io.checkpoint_io  # BackgroundCheckpointIO's writer
+        write = inner.save_checkpoint
+
+        def held(checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+            if checkpoint["epoch"] != self.epoch:
+                return write(checkpoint, path, storage_options)
+            if self.stall:
+                atomic_write(path, self._write_part_then_stall)
+            assert self._go_on.wait(timeout=120), "training did not go on while the checkpoint was held"
+            write(checkpoint, path, storage_options)
+            shutil.copy(path, self.folder / Path(path).name)
+            with open(self.folder / "written.json", "a") as f:
+                f.write(json.dumps({"file": Path(path).name, "step": self._trainer.global_step}) + "\n")
+
+        inner.save_checkpoint = held
+
+    def _write_part_then_stall(self, f: Any) -> None:
+        f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        f.flush()
+        (self.folder / "stalled").write_text("")
+        while True:
+            time.sleep(1)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            state = {"state_dict": pl_module.state_dict(), "optimizer_states": [o.state_dict() for o in trainer.optimizers]}
+            torch.save(state, self.folder / "snapshot.pt")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch > self.epoch and batch_idx >= 1:
             self._go_on.set()

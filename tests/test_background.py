@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cifar_resnet.checkpointing import BackgroundCheckpointIO, read_checkpoint
 from cifar_resnet.cli import main
+from cifar_resnet.errors import UserError
 from conftest import tiny_args, without_figures
+from faults import FullDiskCheckpointIO
 
 
 def logged_images(run_dir: Path, tag: str) -> list[tuple[int, tuple[int, int]]]:
@@ -43,3 +49,50 @@ def test_figures_drawn_in_the_background_equal_the_foreground_ones(cifar_dir: Pa
     logged = logged_images(run_dir, "val/confusion_matrix")
     assert [step for step, _ in logged] == [2, 4]
     assert {size for _, size in logged} == {tuple(foreground[0]["shape"][:2])}
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether two checkpoint parts are equal, tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_a_background_checkpoint_is_the_state_at_the_end_of_its_epoch(cifar_dir: Path, tmp_path: Path) -> None:
+    held = tmp_path / "held"
+    args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+            "--trainer.callbacks+=faults.HoldCheckpointWrites", "--trainer.callbacks.folder", str(held)]  # fmt: skip
+    main(["fit", "--config", without_figures("scratch.yaml"), *args])
+    snapshot = torch.load(held / "snapshot.pt", weights_only=True)
+    written = [json.loads(line) for line in (held / "written.json").read_text().splitlines()]
+    assert {w["file"].split("-top1=")[0] for w in written} == {"last.ckpt", "best-epoch=0"}
+    # Epoch 0 ended at step 3; its checkpoints were written after training had taken two more steps ...
+    assert all(w["step"] >= 5 for w in written), written
+    for w in written:
+        checkpoint = torch.load(held / w["file"], weights_only=True)
+        assert (checkpoint["epoch"], checkpoint["global_step"]) == (0, 3)
+        # ... and hold the state of the end of epoch 0, bit for bit, not the state the steps after it made.
+        assert same(checkpoint["state_dict"], snapshot["state_dict"])
+        assert same(checkpoint["optimizer_states"], snapshot["optimizer_states"])
+    final = torch.load(tmp_path / "runs" / "scratch" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 6 and not same(final["state_dict"], snapshot["state_dict"])
+
+
+def test_a_failed_background_write_keeps_the_earlier_checkpoint_and_reaches_the_caller(tmp_path: Path) -> None:
+    checkpoint_io = BackgroundCheckpointIO(FullDiskCheckpointIO(saves_before_full=1))
+    weights = {"state_dict": {"w": torch.arange(4.0)}}
+    checkpoint_io.save_checkpoint(weights, tmp_path / "best-epoch=0.ckpt")
+    weights["state_dict"]["w"].add_(1)  # the next step changes the weights in place: the copy must not change
+    checkpoint_io.wait()
+    assert torch.equal(read_checkpoint(tmp_path / "best-epoch=0.ckpt")["state_dict"]["w"], torch.arange(4.0))
+    # The disk is full now. ModelCheckpoint asks for the new best, then for the old best's removal.
+    checkpoint_io.save_checkpoint(weights, tmp_path / "best-epoch=1.ckpt")
+    checkpoint_io.remove_checkpoint(tmp_path / "best-epoch=0.ckpt")
+    with pytest.raises(UserError, match=f"Cannot write '{tmp_path / 'best-epoch=1.ckpt'}': the disk is full"):
+        checkpoint_io.wait()
+    checkpoint_io.teardown()  # raised once, not twice
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt"]
