@@ -236,3 +236,79 @@ class HoldCheckpointWrites(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.current_epoch > self.epoch and batch_idx >= 1:
             self._go_on.set()
+
+
+# Operators that make the host wait for a CUDA device: they read a value back, or their output size depends on
+# the values (``bincount`` reads the maximum first). On a CPU they wait for nothing, so they are counted by name.
+WAITING_OPS = ("_local_scalar_dense", "nonzero", "bincount", "unique", "_unique", "_unique2", "unique_consecutive",
+               "unique_dim", "masked_select", "repeat_interleave", "histc", "_assert_async", "equal", "is_nonzero")  # fmt: skip
+WAITING_METHODS = ("cpu", "tolist", "numpy", "item")
+
+
+class CountEvalWaits(Callback):
+    """Writes to ``out`` (JSON) every operator or tensor method that would make the host wait for the device
+    (:data:`WAITING_OPS`, :data:`WAITING_METHODS`), with the code that called it, from the start of the second
+    validation or test batch to the end of the epoch's last batch (the epoch-end summing up is not counted).
+    Give it last in the callbacks, so that the other callbacks' batch-end hooks are counted too."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.waits: list[str] = []
+        self._mode: Any = None
+        self._originals = {name: getattr(torch.Tensor, name) for name in WAITING_METHODS}
+
+    def _note(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename and "/faults.py" not in f.filename]
+        self.waits.append(f"{what} at {frames[-1].filename}:{frames[-1].lineno}" if frames else what)
+
+    def _start(self, batch_idx: int) -> None:
+        if batch_idx < 1 or self._mode is not None:
+            return
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                if func._overloadpacket.__name__ in WAITING_OPS:
+                    counter._note(f"aten.{func._overloadpacket.__name__}")
+                return func(*args, **(kwargs or {}))
+
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, self._counted(name, original))
+        self._mode = Mode()
+        self._mode.__enter__()
+
+    def _counted(self, name: str, original: Any) -> Any:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self._note(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+    def _stop(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+            for name, original in self._originals.items():
+                setattr(torch.Tensor, name, original)
+            Path(self.out).write_text(json.dumps(self.waits))
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._start(batch_idx)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._start(batch_idx)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx + 1 == trainer.num_val_batches[dataloader_idx]:
+            self._stop()
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx + 1 == trainer.num_test_batches[dataloader_idx]:
+            self._stop()

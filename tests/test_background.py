@@ -1,4 +1,4 @@
-"""Work around the training step done in the background: figures drawn and checkpoints written while
+"""What happens around the training step, off its critical path: figures drawn and checkpoints written while
 training goes on, arriving whole, in order and under the step they belong to."""
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics.classification import MulticlassConfusionMatrix
 
+from cifar_resnet import ScratchResNet
 from cifar_resnet.checkpointing import BackgroundCheckpointIO, read_checkpoint
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
-from conftest import tiny_args, without_figures
+from cifar_resnet.metrics import ConfusionMatrix
+from conftest import CONFIGS, tiny_args, without_figures
 from faults import FullDiskCheckpointIO
 
 
@@ -96,3 +99,38 @@ def test_a_failed_background_write_keeps_the_earlier_checkpoint_and_reaches_the_
         checkpoint_io.wait()
     checkpoint_io.teardown()  # raised once, not twice
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt"]
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_evaluation_batches_never_make_the_host_wait(cifar_dir: Path, tmp_path: Path, subcommand: str) -> None:
+    """Validation and test batches, with test-time augmentation and the class figures' collecting of
+    misclassified images, ask the device for nothing until the epoch ends."""
+    waits = tmp_path / "waits.json"
+    args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--model.init_args.tta", "true", "--data.eval_batch_size", "20",
+            "--trainer.limit_val_batches", "4", "--trainer.limit_test_batches", "4", "--trainer.enable_progress_bar", "true",
+            "--trainer.callbacks+=faults.CountEvalWaits", "--trainer.callbacks.out", str(waits)]  # fmt: skip
+    main([subcommand, "--config", str(CONFIGS / "scratch.yaml"), *args])
+    assert json.loads(waits.read_text()) == []
+
+
+def test_tta_evaluates_each_image_and_its_mirror_in_one_forward_pass() -> None:
+    model = ScratchResNet(tta=True).eval()
+    batches = []
+    model.net.register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].clone()))
+    images = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        tta = model.tta_logits(images)
+        assert [len(b) for b in batches] == [12]
+        assert torch.equal(batches[0], torch.cat([images, images.flip(-1)]))
+        plain, mirrored = model(images), model(images.flip(-1))
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
+
+
+def test_the_confusion_matrix_counts_as_torchmetrics_does() -> None:
+    ours, theirs = ConfusionMatrix(7, validate_args=False), MulticlassConfusionMatrix(7, validate_args=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits, labels = torch.randn(50, 7, generator=generator), torch.randint(0, 7, (50,), generator=generator)
+        ours.update(logits, labels)
+        theirs.update(logits, labels)
+    assert ours.compute().sum() == 150 and torch.equal(ours.compute(), theirs.compute())
