@@ -4,6 +4,7 @@ training goes on, arriving whole, in order and under the step they belong to."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from cifar_resnet import ScratchResNet
+from cifar_resnet.callbacks import process_start_time
 from cifar_resnet.checkpointing import BackgroundCheckpointIO, read_checkpoint
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
-from conftest import CONFIGS, tiny_args, without_figures
+from conftest import CONFIGS, read_scalars, tiny_args, without_figures
 from faults import FullDiskCheckpointIO
 
 
@@ -51,6 +53,8 @@ def test_figures_drawn_in_the_background_equal_the_foreground_ones(cifar_dir: Pa
     run_dir = tmp_path / "runs" / "scratch" / "version_0"
     logged = logged_images(run_dir, "val/confusion_matrix")
     assert [step for step, _ in logged] == [2, 4]
+    (figures_s,) = read_scalars(run_dir)["time/figures_s"]
+    assert figures_s[0] == 4 and figures_s[1] > 0
     assert {size for _, size in logged} == {tuple(foreground[0]["shape"][:2])}
 
 
@@ -69,6 +73,7 @@ def test_a_background_checkpoint_is_the_state_at_the_end_of_its_epoch(cifar_dir:
     held = tmp_path / "held"
     args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
             "--trainer.callbacks+=faults.HoldCheckpointWrites", "--trainer.callbacks.folder", str(held)]  # fmt: skip
+    before_main = time.time()
     main(["fit", "--config", without_figures("scratch.yaml"), *args])
     snapshot = torch.load(held / "snapshot.pt", weights_only=True)
     written = [json.loads(line) for line in (held / "written.json").read_text().splitlines()]
@@ -83,6 +88,16 @@ def test_a_background_checkpoint_is_the_state_at_the_end_of_its_epoch(cifar_dir:
         assert same(checkpoint["optimizer_states"], snapshot["optimizer_states"])
     final = torch.load(tmp_path / "runs" / "scratch" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == 6 and not same(final["state_dict"], snapshot["state_dict"])
+
+    # WallClock's account of the fit, logged once at its end.
+    scalars = read_scalars(tmp_path / "runs" / "scratch" / "version_0")
+    (elapsed_step, elapsed), *_ = reversed(scalars["time/elapsed_s"])
+    times = {tag: scalars[tag] for tag in ("time/startup_s", "time/validation_s", "time/checkpoint_s")}
+    assert all(len(values) == 1 and values[0][0] == 6 for values in times.values()), times
+    startup, validation, checkpoint = (values[0][1] for values in times.values())
+    # Start-up counts from the start of the process (here pytest's), so it holds all that came before `main`.
+    assert before_main - process_start_time() < startup < time.time() - process_start_time()
+    assert 0 < validation < elapsed and 0 < checkpoint < elapsed
 
 
 def test_a_failed_background_write_keeps_the_earlier_checkpoint_and_reaches_the_caller(tmp_path: Path) -> None:

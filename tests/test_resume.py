@@ -17,7 +17,8 @@ from cli_process import CliProcess
 from conftest import env_with_tests, read_scalars, run_cli, tiny_args, warning_lines, without_figures
 
 # Timing scalars differ between any two runs; everything else must not.
-TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib")
+TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib",
+          "time/startup_s", "time/validation_s", "time/checkpoint_s", "time/figures_s")
 
 
 def fit_args(cifar_dir: Path, save_dir: Path, *extra: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from cifar_resnet.checkpointing import checkpoint_host_seconds
 from cifar_resnet.drawing import BackgroundWorker, FigureSink, TensorBoardFigures, deliver
 from cifar_resnet.errors import UserError
 from cifar_resnet.figures import (
@@ -28,6 +30,8 @@ from cifar_resnet.figures import (
     superclass_accuracy,
     superclass_accuracy_figure,
 )
+
+IMPORTED_AT = time.time()
 
 
 class SpeedMonitor(Callback):
@@ -121,6 +125,58 @@ class SpeedMonitor(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class WallClock(Callback):
+    """Logs where a fit's wall time went, once, at its end, so that what keeps the device waiting shows:
+
+    ``time/startup_s`` (from the start of the process to the first training step: imports, reading the
+    archive, building the model, the sanity check), ``time/validation_s`` (all validation epochs of the
+    fit), ``time/checkpoint_s`` (what writing checkpoints cost the training thread; with the recipes'
+    :class:`~cifar_resnet.checkpointing.BackgroundCheckpointIO`, the copies and the final wait) beside
+    ``time/warmup_s`` and ``train/epoch_time`` of :class:`SpeedMonitor` and ``time/figures_s`` of
+    :class:`ClassFigures`. The clocks wait for the device only at the start and end of each validation.
+    """
+
+    def __init__(self) -> None:
+        self._startup: float | None = None
+        self._validation = 0.0
+        self._validation_start = 0.0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._startup, self._validation = None, 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._startup is None:
+            self._startup = time.time() - process_start_time()
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validation_start = SpeedMonitor._now(pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validation += SpeedMonitor._now(pl_module) - self._validation_start
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After Lightning's teardown, which waited for the checkpoints written in the background.
+        metrics = {"time/validation_s": self._validation}
+        if self._startup is not None:
+            metrics["time/startup_s"] = self._startup
+        checkpoint_s = checkpoint_host_seconds(trainer)
+        if checkpoint_s is not None:
+            metrics["time/checkpoint_s"] = checkpoint_s
+        SpeedMonitor._log_now(trainer, metrics)
+
+
+def process_start_time() -> float:
+    """When this process started (``time.time()`` scale): from ``/proc`` on Linux, else when this program was imported."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
+        return IMPORTED_AT
 
 
 class FixedFormatProgressBar(TQDMProgressBar):
