@@ -59,6 +59,10 @@ class BackgroundWorker:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
+    def __reduce__(self) -> tuple[type, tuple[str]]:
+        """A copy (``copy.deepcopy`` of a module that reaches the Trainer's callbacks) is a fresh, idle worker."""
+        return type(self), (self.name,)
+
     def submit(self, job: Callable[[], None]) -> None:
         """Queue ``job`` (a function of no arguments) after the jobs already queued."""
         if self._thread is None or not self._thread.is_alive():
