@@ -312,3 +312,19 @@ class CountEvalWaits(Callback):
     ) -> None:
         if batch_idx + 1 == trainer.num_test_batches[dataloader_idx]:
             self._stop()
+
+
+class HungClassFigures(ClassFigures):
+    """ClassFigures whose drawings never finish: each writes ``<marker>`` and then blocks forever."""
+
+    def __init__(self, marker: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    def sinks(self, trainer: Trainer) -> list[Any]:
+        def hang(tag: str, figure: Any, step: int) -> None:
+            Path(self.marker).write_text(tag)
+            while True:
+                time.sleep(1)
+
+        return [hang]

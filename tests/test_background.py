@@ -4,6 +4,7 @@ training goes on, arriving whole, in order and under the step they belong to."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from cifar_resnet.checkpointing import BackgroundCheckpointIO, read_checkpoint
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
-from conftest import CONFIGS, read_scalars, tiny_args, without_figures
+from cli_process import CliProcess
+from conftest import CONFIGS, env_with_tests, read_scalars, tiny_args, without_figures
 from faults import FullDiskCheckpointIO
 
 
@@ -149,3 +151,25 @@ def test_the_confusion_matrix_counts_as_torchmetrics_does() -> None:
         ours.update(logits, labels)
         theirs.update(logits, labels)
     assert ours.compute().sum() == 150 and torch.equal(ours.compute(), theirs.compute())
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_fit_does_not_wait_for_drawings(cifar_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
+    marker = tmp_path / "drawing"
+    args = ["fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "3",
+            "--trainer.callbacks+=faults.HungClassFigures", "--trainer.callbacks.marker", str(marker),
+            "--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "0.5"]  # fmt: skip
+    proc = CliProcess(args, tmp_path, env_with_tests())
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), f"no drawing started (exit code {proc.poll()})"
+        proc.send_signal(stop)
+        stderr = proc.communicate(timeout=60)[1]  # a drawing that never ends must not hold the command
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + stop, stderr[-2000:]
+    assert f"fit stopped by {stop.name}" in stderr
