@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # local CPU-only torch wheel (as on some build machines) so both come from the index.
 PIP := PIP_FIND_LINKS=$(CURDIR)/$(VENV) $(BIN)/python -m pip
 
-.PHONY: setup train finetune test smoke bench reproduce gpu-check tensorboard
+.PHONY: setup train finetune test docs-check smoke bench reproduce gpu-check tensorboard
 
 setup: $(VENV)/.installed
 
@@ -21,8 +21,11 @@ train: setup  ## fit the seed's scratch ResNet (downloads CIFAR-100 when online)
 finetune: setup  ## fine-tune ImageNet ResNet18 at 224x224
 	$(BIN)/cifar-resnet fit --config configs/finetune.yaml
 
-test: setup  ## the test suite (under 5 minutes on 2 CPU cores: one pytest-xdist worker per core)
+test: setup  ## the test suite (one pytest-xdist worker per core; its size and time: bench/RESULTS.md)
 	$(BIN)/pytest
+
+docs-check: setup  ## README and docs/: dead links and #anchors, commands that no longer parse (seconds; trains nothing)
+	$(BIN)/pytest -n 0 -q tests/test_docs.py
 
 # A tiny CPU run of the whole flow on a generated archive (about a minute): fit, test, predict, TensorBoard.
 SMOKE := smoke

@@ -328,3 +328,56 @@ class HungClassFigures(ClassFigures):
                 time.sleep(1)
 
         return [hang]
+
+
+class CountDeviceWork(Callback):
+    """Writes to ``out`` (JSON) what training steps ``first`` to ``last - 1`` ask of the device, counted by a
+    ``TorchDispatchMode`` from the start of one step to the start of the next (Lightning's end-of-step work
+    included): ``ops``, the aten operations of each step (each one a kernel launch on a GPU), and ``reads``,
+    every read of a tensor's value by the host (``aten._local_scalar_dense``: ``.item()``, ``bool()``,
+    ``.tolist()``, ...) with the code that made it, leaving out the work on an optimizer's step counters, which
+    torch keeps on the CPU when they are not captured (no kernel, no wait on a GPU).
+    """
+
+    def __init__(self, out: str, first: int = 2, last: int = 12) -> None:
+        self.out, self.first, self.last = out, first, last
+        self.ops: list[int] = []
+        self.reads: list[str] = []
+        self.names: dict[str, int] = {}  # the operations of the last step counted, by name
+        self._mode: Any = None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self.ops.append(self._mode.count)
+            self.names = self._mode.names
+            self._mode = None
+        if self.first <= batch_idx < self.last:
+            counters = {id(s["step"]) for opt in trainer.optimizers for s in opt.state.values() if "step" in s}
+            self._mode = _Counting(self.reads, counters)
+            self._mode.__enter__()
+        if batch_idx == self.last:
+            Path(self.out).write_text(json.dumps({"ops": self.ops, "reads": self.reads, "names": self.names}))
+
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class _Counting(TorchDispatchMode):
+    """Counts aten operations and records host reads (see :class:`CountDeviceWork`)."""
+
+    def __init__(self, reads: list[str], ignored: set[int]) -> None:
+        super().__init__()
+        self.count, self.reads, self.ignored = 0, reads, ignored
+        self.names: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        first = args[0] if args else None
+        if any(id(t) in self.ignored for t in (first if isinstance(first, (list, tuple)) else [first])):
+            return func(*args, **(kwargs or {}))  # work on the optimizer's CPU step counters: no GPU kernel
+        self.count += 1
+        self.names[str(func)] = self.names.get(str(func), 0) + 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename or "/torch/optim/" in f.filename]
+            self.reads.append(" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:][::-1]))
+        return func(*args, **(kwargs or {}))

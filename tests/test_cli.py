@@ -67,18 +67,26 @@ def test_lr_drops_at_the_milestone_epoch_not_step(cifar_dir: Path, tmp_path: Pat
 
 
 def test_ddp_two_cpu_processes_train_and_write_once(cifar_dir: Path, tmp_path: Path) -> None:
-    run_cli(
-        "fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"),
-        "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true", cwd=tmp_path,
-    )  # fmt: skip
-    versions = sorted(p.name for p in (tmp_path / "runs" / "scratch").iterdir())
-    assert versions == ["version_0"]
-    run_dir = tmp_path / "runs" / "scratch" / "version_0"
-    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in checkpoints(run_dir))[-1] == "last.ckpt" and len(checkpoints(run_dir)) == 2
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    # Each of the 2 ranks ran limit_train_batches=2 steps on its own shard: the global step counts 2.
-    assert ckpt["global_step"] == 2 and ckpt["epoch"] == 0
+    weights = {}
+    for cuda_graph in ("auto", "true"):  # Lightning's step (auto on a CPU) and the module's own step
+        save_dir = tmp_path / cuda_graph
+        run_cli(
+            "fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, save_dir),
+            "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.precision", "32-true",
+            "--trainer.deterministic", "true", "--model.init_args.cuda_graph", cuda_graph, cwd=tmp_path,
+        )  # fmt: skip
+        versions = sorted(p.name for p in (save_dir / "scratch").iterdir())
+        assert versions == ["version_0"]
+        run_dir = save_dir / "scratch" / "version_0"
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+        assert sorted(p.name for p in checkpoints(run_dir))[-1] == "last.ckpt" and len(checkpoints(run_dir)) == 2
+        ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        # Each of the 2 ranks ran limit_train_batches=2 steps on its own shard: the global step counts 2.
+        assert ckpt["global_step"] == 2 and ckpt["epoch"] == 0
+        weights[cuda_graph] = ckpt["state_dict"]
+    # The own step's gradients are averaged over the ranks as Lightning's are: the same weights.
+    for name, value in weights["auto"].items():
+        assert torch.allclose(weights["true"][name].double(), value.double(), rtol=0, atol=1e-6), name
 
 
 def test_bf16_mixed_runs_on_cpu(cifar_dir: Path, tmp_path: Path) -> None:

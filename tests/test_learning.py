@@ -40,9 +40,21 @@ def test_the_recipe_learns_and_a_zeroed_loss_does_not(
     model_class = None
     if loss_scale == 0:
         model_class = "probes.ZeroLossScratchResNet" if recipe == "scratch.yaml" else "probes.ZeroLossFineTunedResNet18"
-    scalars = fit_a_few_images(recipe, cifar_dir, tmp_path / "runs", model_class, extra)
+    assert_learned(fit_a_few_images(recipe, cifar_dir, tmp_path / "runs", model_class, extra), bool(loss_scale))
+
+
+@pytest.mark.parametrize("loss_scale", [1, 0])
+def test_the_modules_own_step_learns_and_a_zeroed_loss_does_not(loss_scale: int, cifar_dir: Path, tmp_path: Path) -> None:
+    """The step a CUDA graph captures (``cuda_graph: true``), run uncaptured on the CPU."""
+    model_class = None if loss_scale else "probes.ZeroLossScratchResNet"
+    scalars = fit_a_few_images("scratch.yaml", cifar_dir, tmp_path / "runs", model_class, ["--model.init_args.cuda_graph", "true"])
+    assert_learned(scalars, bool(loss_scale))
+
+
+def assert_learned(scalars: dict, expected: bool) -> None:
+    """The loss fell to under half and the last epoch's training top-1 reached 50 %, or (``expected`` false) not."""
     losses = [value for _, value in scalars["train/loss_step"]]
     last_top1 = scalars["train/top1"][-1][1]
     assert len(losses) == STEPS
     learned = min(losses[-3:]) < 0.5 * losses[0] and last_top1 >= 0.5
-    assert learned == bool(loss_scale), f"losses {losses}, last epoch's train top-1 {last_top1}"
+    assert learned == expected, f"losses {losses}, last epoch's train top-1 {last_top1}"

@@ -351,10 +351,12 @@ def test_recipes_print_every_setting(tmp_path: Path) -> None:
 
 
 @pytest.mark.heavy
-def test_killed_fast_run_resumes_to_the_same_weights_and_ema(learnable_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cuda_graph", ["auto", "true"])  # Lightning's step on a CPU; the module's own step
+def test_killed_fast_run_resumes_to_the_same_weights_and_ema(cuda_graph: str, learnable_dir: Path, tmp_path: Path) -> None:
     def args(save_dir: Path, *extra: str) -> list[str]:
         return ["fit", *recipe_args("fast", learnable_dir, save_dir, 3, "--trainer.deterministic", "true",
-                                    "--trainer.limit_train_batches", "4", *extra, figures=False)]  # fmt: skip
+                                    "--trainer.limit_train_batches", "4", "--model.init_args.cuda_graph", cuda_graph,
+                                    *extra, figures=False)]  # fmt: skip
 
     run_cli(*args(tmp_path / "reference"), cwd=tmp_path)
     reference = torch.load(tmp_path / "reference" / "fast" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import signal
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 import torch
@@ -419,8 +420,8 @@ def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | i
 class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN or infinite loss; no checkpoint ever holds what it did.
 
-    Each step only notes on the device whether its loss was finite: reading it every step would
-    make the host wait for the device every step, which slows a GPU down. The note is read every
+    Each step only copies its loss into a small buffer on the device: reading it every step would
+    make the host wait for the device every step, which slows a GPU down. The buffer is read every
     ``check_every_n_steps`` steps, before each validation and before any checkpoint is written, so
     the checkpoints written so far stay those of good steps, and the run can resume from ``last.ckpt``.
     """
@@ -433,37 +434,35 @@ class StopOnNonFiniteLoss(Callback):
         if check_every_n_steps < 1:
             raise UserError(f"check_every_n_steps must be positive, got {check_every_n_steps}.")
         self.check_every_n_steps = check_every_n_steps
-        self._first_bad_step: Tensor | None = None  # -1 while every loss was finite
-        self._first_bad_loss: Tensor | None = None
+        self._losses: Tensor | None = None  # the losses since the last look, by step % check_every_n_steps
         self._positions: dict[int, tuple[int, int]] = {}  # step -> (epoch, batch), since the last look
 
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        step, loss = trainer.global_step, loss.detach().float()
-        if self._first_bad_step is None:
-            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
-            self._first_bad_loss = torch.zeros((), device=loss.device)
-        first = ~torch.isfinite(loss) & (self._first_bad_step < 0)
-        self._first_bad_step = torch.where(first, step, self._first_bad_step)
-        self._first_bad_loss = torch.where(first, loss, self._first_bad_loss)
-        self._positions[step] = (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx)
-        if (step + 1) % self.check_every_n_steps == 0:
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the step (a captured step runs no hook in between); global_step already counts it.
+        step, loss = trainer.global_step - 1, outputs["loss"].detach()
+        if self._losses is None or self._losses.device != loss.device:
+            self._losses = torch.zeros(self.check_every_n_steps, device=loss.device)
+        self._losses[step % self.check_every_n_steps].copy_(loss)
+        self._positions[step] = (trainer.current_epoch, batch_idx)
+        if len(self._positions) == self.check_every_n_steps:
             self.check()
 
     def check(self) -> None:
-        """Raise if a loss since the start was not finite (waits for the device)."""
-        if self._first_bad_step is None:
+        """Raise if a loss since the last look was not finite (waits for the device)."""
+        if self._losses is None or not self._positions:
             return
-        step = int(self._first_bad_step)
-        if step < 0:
-            self._positions.clear()
-            return
-        epoch, batch = self._positions[step]
-        raise UserError(
-            f"The training loss became {float(self._first_bad_loss)} at step {step} (epoch {epoch}, batch {batch}); "
-            "training stopped, and the checkpoints written so far (all from before that step) are kept. Start "
-            "again with a lower learning rate (or 32-true precision), or resume from last.ckpt with "
-            "`--ckpt_path last` if the cause was a passing fault."
-        )
+        losses = self._losses.tolist()
+        for step in sorted(self._positions):
+            loss = losses[step % self.check_every_n_steps]
+            if not math.isfinite(loss):
+                epoch, batch = self._positions[step]
+                raise UserError(
+                    f"The training loss became {loss} at step {step} (epoch {epoch}, batch {batch}); training stopped, "
+                    "and the checkpoints written so far (all from before that step) are kept. Start again with a "
+                    "lower learning rate (or 32-true precision), or resume from last.ckpt with `--ckpt_path last` "
+                    "if the cause was a passing fault."
+                )
+        self._positions.clear()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.check()

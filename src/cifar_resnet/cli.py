@@ -173,8 +173,9 @@ SUBCOMMANDS = {
     "predict": "Give the top-5 classes of your own images (--data.predict_path) from a checkpoint, as a CSV.",
 }
 RECIPES = (
-    " Start from a recipe: --config configs/scratch.yaml or configs/finetune.yaml (README.md, \"The two "
-    "experiments\"). Each model's own settings: --model.help ScratchResNet or --model.help FineTunedResNet18."
+    " Start from a recipe: --config configs/scratch.yaml, finetune.yaml, fast.yaml or finetune_fast.yaml "
+    "(README.md, \"The four recipes\"). Each model's own settings: --model.help ScratchResNet or --model.help "
+    "FineTunedResNet18."
 )
 OPTION_HELP = {
     "ckpt_path": (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -57,7 +58,10 @@ class WarmupDecayLR(LRScheduler):
         self.total_steps = int(total_steps)
         self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):  # a captured step reads it: change it in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     def factor(self, step: int) -> float:
         """The LR at ``step`` (0-based) as a fraction of the base LR."""

@@ -192,6 +192,8 @@ class CIFAR100DataModule(LightningDataModule):
         self.splits: dict[str, Split] = {}
         self.predict_names: list[str] = []
         self._classes: ClassInfo | None = None  # from a checkpoint, else read from the archive on first use
+        # Set by a module whose training step applies `transform` itself (inside a captured step).
+        self.transform_in_step = False
 
     # The data questions a reader of results asks (callbacks, reports, the prediction writer).
 
@@ -352,10 +354,13 @@ class CIFAR100DataModule(LightningDataModule):
         return self._loader("predict")
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Flip (training only), normalise and resize the uint8 batch on its device."""
+        """Flip (training only), normalise and resize the uint8 batch on its device (training batches stay
+        uint8 when the module's step transforms them itself: ``transform_in_step``)."""
         images, labels = batch
         self.transform.to(images.device)
         training = self.trainer is not None and self.trainer.training
+        if training and self.transform_in_step:
+            return images, labels
         return self.transform(images, train=training), labels
 
 
