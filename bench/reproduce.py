@@ -404,7 +404,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Where each fit's wall time went (seconds): start-up from the command to the first training step; "
+        "Where each fit's wall time went (seconds): start-up from the start of the process to the first training "
+        "step (it ends inside the fit: the sanity-check validation, with any compiling it does, belongs to both); "
         "warm-up (inside the training epochs and validation); training epochs; validation; and what figures and "
         "checkpoints cost the training thread (the drawing and writing run in the background).",
         "",
