@@ -244,9 +244,9 @@ class ClassFigures(Callback):
         self.host_s = 0.0
 
     def sinks(self, trainer: Trainer) -> list[FigureSink]:
-        """Where finished figures go: the trainer's TensorBoard logger."""
+        """Where finished figures go (rank 0 only): the trainer's TensorBoard logger."""
         writer = tensorboard(trainer)
-        return [TensorBoardFigures(writer.experiment)] if writer is not None else []
+        return [TensorBoardFigures(writer.experiment)] if writer is not None and trainer.is_global_zero else []
 
     def _draw_now(self, trainer: Trainer) -> bool:
         """Whether this validation epoch gets figures."""
@@ -256,7 +256,7 @@ class ClassFigures(Callback):
         return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _submit(self, trainer: Trainer, draw: Callable[[], list[tuple[str, Figure]]]) -> None:
-        """Draw (in the background, or now) and deliver the figures under the current step."""
+        """Draw (in the background, or now) and deliver the figures to ``sinks`` under the current step."""
         step, sinks = trainer.global_step, self.sinks(trainer)
         job = lambda: deliver(draw(), step, sinks)  # noqa: E731
         if self.background:
@@ -269,7 +269,7 @@ class ClassFigures(Callback):
             return
         start = time.perf_counter()
         confusion = pl_module.confusion_matrix("val")  # every process must ask (DDP)
-        if trainer.is_global_zero and tensorboard(trainer) is not None:
+        if self.sinks(trainer):
             when = f"epoch {trainer.current_epoch}"
             self._submit(trainer, class_figures_job("val", confusion.cpu(), when, data_questions(trainer)))
         self.host_s += time.perf_counter() - start
@@ -299,7 +299,7 @@ class ClassFigures(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         start = time.perf_counter()
         confusion = pl_module.confusion_matrix("test")
-        if trainer.is_global_zero and tensorboard(trainer) is not None:
+        if self.sinks(trainer):
             data = data_questions(trainer)
             wrong = None
             if self._wrong is not None:
