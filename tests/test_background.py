@@ -3,8 +3,12 @@ training goes on, arriving whole, in order and under the step they belong to."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -173,3 +177,27 @@ def test_a_stopped_fit_does_not_wait_for_drawings(cifar_dir: Path, tmp_path: Pat
             proc.communicate()
     assert proc.returncode == 128 + stop, stderr[-2000:]
     assert f"fit stopped by {stop.name}" in stderr
+
+
+COMPILE_TWICE = """
+import sys
+import torch
+from cifar_resnet.compile_cache import CompileCache
+
+CompileCache(sys.argv[1]).setup(None, None, "fit")  # what the Trainer does before the module compiles
+double_sin = torch.compile(lambda x: (2 * x).sin())
+assert torch.allclose(double_sin(torch.ones(4)), torch.ones(4).mul(2).sin())
+print(dict(torch._dynamo.utils.counters["inductor"]))
+"""
+
+
+def test_a_second_compile_finds_the_first_ones_cache(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    runs = [subprocess.run([sys.executable, "-c", COMPILE_TWICE, str(folder)], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]  # fmt: skip
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr[-3000:]
+    first, second = (ast.literal_eval(run.stdout.strip().splitlines()[-1]) for run in runs)
+    assert first.get("fxgraph_cache_miss", 0) >= 1 and first.get("fxgraph_cache_hit", 0) == 0
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and second.get("fxgraph_cache_miss", 0) == 0
+    assert (folder / "fxgraph").is_dir()
