@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # local CPU-only torch wheel (as on some build machines) so both come from the index.
 PIP := PIP_FIND_LINKS=$(CURDIR)/$(VENV) $(BIN)/python -m pip
 
-.PHONY: setup train finetune test docs-check smoke bench reproduce gpu-check tensorboard
+.PHONY: setup train finetune test test-fast docs-check smoke bench reproduce gpu-check tensorboard
 
 setup: $(VENV)/.installed
 
@@ -24,14 +24,18 @@ finetune: setup  ## fine-tune ImageNet ResNet18 at 224x224
 test: setup  ## the test suite (one pytest-xdist worker per core; its size and time: bench/RESULTS.md)
 	$(BIN)/pytest
 
+# The unit tests: everything but the end-to-end runs (tests marked slow, and those that share a fitted run).
+test-fast: setup  ## the fast tier: unit tests only (its time: bench/RESULTS.md)
+	$(BIN)/pytest -m "not slow"
+
 docs-check: setup  ## README and docs/: dead links and #anchors, commands that no longer parse (seconds; trains nothing)
 	$(BIN)/pytest -n 0 -q tests/test_docs.py
 
-# A tiny CPU run of the whole flow on a generated archive (about a minute): fit, test, predict, TensorBoard.
+# A tiny CPU run of the whole flow on a generated archive (about a minute): fit, test, predict, with the
+# configs/debug.yaml overlay (CPU, a few small batches, no compile, a CSV log instead of TensorBoard).
 SMOKE := smoke
-SMOKE_ARGS := --data.data_dir $(SMOKE)/data --data.download false --data.val_size 100 --data.batch_size 50 \
-	--data.eval_batch_size 100 --trainer.accelerator cpu --trainer.precision 32-true --trainer.max_epochs 2 \
-	--trainer.limit_train_batches 4 --trainer.logger.init_args.save_dir $(SMOKE)/runs
+SMOKE_ARGS := --config configs/debug.yaml --data.data_dir $(SMOKE)/data --data.download false \
+	--trainer.logger.init_args.save_dir $(SMOKE)/runs
 
 smoke: setup  ## fit, test and predict on a generated archive, on the CPU, in about a minute
 	$(BIN)/python -c "from cifar_resnet.data.synthetic import write_synthetic_archive as w; w('$(SMOKE)/data', 600, 200)"
@@ -40,7 +44,7 @@ smoke: setup  ## fit, test and predict on a generated archive, on the CPU, in ab
 	$(BIN)/cifar-resnet fit --config configs/scratch.yaml $(SMOKE_ARGS)
 	$(BIN)/cifar-resnet test --config configs/scratch.yaml $(SMOKE_ARGS) --ckpt_path last
 	$(BIN)/cifar-resnet predict --config configs/scratch.yaml $(SMOKE_ARGS) --ckpt_path last --data.predict_path $(SMOKE)/photos
-	@echo "Now look at the run: $(BIN)/tensorboard --logdir $(SMOKE)/runs  (then open http://localhost:6006)"
+	@echo "The run: $(SMOKE)/runs/scratch/ (metrics.csv, checkpoints/, test_report.json, predictions.csv)"
 
 bench: setup  ## data-pipeline and training-throughput benchmark
 	$(BIN)/python bench/benchmark.py

@@ -63,7 +63,8 @@ def _child(target: Callable[..., Any], args: list[str], cwd: str, env: dict[str,
 
 class CliProcess:
     """A running ``cifar-resnet`` (see the module docstring), with the parts of :class:`subprocess.Popen`
-    the tests use: ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``, ``returncode``.
+    the tests use: ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``, ``returncode``; and
+    ``sentinel``, to wait for its end with ``select``.
     With ``target``, the process runs ``target(*args)`` instead (a function importable by name)."""
 
     def __init__(
@@ -97,6 +98,11 @@ class CliProcess:
 
     def poll(self) -> int | None:
         return self.returncode
+
+    @property
+    def sentinel(self) -> int:
+        """A file descriptor that becomes readable when the process ends (for ``select``)."""
+        return self._process.sentinel
 
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)

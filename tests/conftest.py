@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +43,39 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
+        if shared or item.get_closest_marker("heavy"):  # a shared fit or several fits: end to end
+            item.add_marker(pytest.mark.slow)
     # pytest-xdist sends the groups first (most tests first), then single tests in this order: the heavy ones
     # first, so that the workers finish together.
     items.sort(key=lambda item: 0 if item.get_closest_marker("heavy") else 1 if item.get_closest_marker("xdist_group") else 2)
+
+
+# What an in-process run (``cli.main``, ``seed_everything``, a Trainer) changes for the whole process, and later
+# Trainers read: Lightning's seed variables (``reset_seed`` re-seeds from them). Their values before any test ran.
+GLOBAL_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+_CLEAN_ENV = {key: os.environ.get(key) for key in GLOBAL_ENV}
+
+
+@contextlib.contextmanager
+def restored_global_state() -> Iterator[None]:
+    """Run the body, then put back the warning filters (``cli.run`` adds some) and Lightning's seed variables as
+    they were before any test ran (a module fixture's fit may have set them before the body started)."""
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        for key, value in _CLEAN_ENV.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state() -> Iterator[None]:
+    """Every test leaves the process's global state as it found it (see :func:`restored_global_state`)."""
+    with restored_global_state():
+        yield
 
 
 @pytest.fixture(scope="session")

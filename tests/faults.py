@@ -6,7 +6,9 @@ import errno
 import hashlib
 import json
 import os
+import select
 import shutil
+import signal
 import threading
 import time
 import traceback
@@ -72,6 +74,62 @@ class SlowDown(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         time.sleep(self.seconds)
+
+
+class PauseAtStep(Callback):
+    """Stops at a known point until the test acts, with no sleeps: at the start of training step ``step`` (default:
+    the first step this process runs), writes one line into the FIFO ``fifo`` (:func:`pause_point`), the test's
+    event that the run got there, then waits for SIGTERM or SIGINT (SIGKILL ends the run there). After SIGTERM
+    the step goes on and Lightning stops at its end; SIGINT raises KeyboardInterrupt here. Pauses only while
+    ``fifo`` exists, so a resumed run with the same arguments runs through once the test has removed it."""
+
+    def __init__(self, fifo: str, step: int | None = None) -> None:
+        self.fifo = fifo
+        self.step = step
+        self._paused = False
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._paused or not os.path.exists(self.fifo) or self.step not in (None, trainer.global_step):
+            return
+        self._paused = True
+        # A signal that comes before the wait starts must not be missed: Python writes the number of every signal
+        # it handles into the wake-up pipe, which keeps it until it is read.
+        wake_read, wake_write = os.pipe()
+        os.set_blocking(wake_write, False)
+        previous = signal.set_wakeup_fd(wake_write)
+        try:
+            with open(self.fifo, "w") as fifo:  # blocks until the test is listening (wait_until_paused)
+                fifo.write(f"paused at step {trainer.global_step}, epoch {trainer.current_epoch}\n")
+            while not {signal.SIGTERM, signal.SIGINT} & set(os.read(wake_read, 64)):
+                pass  # another handled signal: wait on
+        finally:
+            signal.set_wakeup_fd(previous)
+            os.close(wake_read)
+            os.close(wake_write)
+
+
+def pause_point(folder: Path) -> Path:
+    """A new FIFO in ``folder`` for :class:`PauseAtStep` and :func:`wait_until_paused`."""
+    path = folder / "pause.fifo"
+    os.mkfifo(path)
+    return path
+
+
+def wait_until_paused(fifo: Path, process: Any, timeout: float = 300) -> str:
+    """Block until the run ``process`` (a ``CliProcess``) reports from its :class:`PauseAtStep` through ``fifo``,
+    then remove the FIFO (so that a resume does not pause) and return the line. Fails if the process ends first
+    or ``timeout`` seconds pass: both are events too (its sentinel), so nothing here polls."""
+    # Read and write: the open never blocks, and the FIFO gives no end-of-file before the run has written.
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        ready, _, _ = select.select([fd, process.sentinel], [], [], timeout)
+        if fd not in ready:
+            ended = process.poll() is not None
+            raise AssertionError(f"the run {'ended' if ended else f'did not pause within {timeout} s'} (exit code {process.poll()})")
+        return os.read(fd, 4096).decode().strip()
+    finally:
+        os.close(fd)
+        fifo.unlink()
 
 
 class CountHostReads(Callback):

@@ -13,6 +13,8 @@ import yaml
 from cifar_resnet.cli import run
 from conftest import CONFIGS, read_scalars, run_cli, tiny_args, without_figures
 
+pytestmark = pytest.mark.slow  # every test here runs the program end to end (make test-fast leaves them out)
+
 
 def checkpoints(log_dir: Path) -> list[Path]:
     return sorted(log_dir.rglob("*.ckpt"))
@@ -31,7 +33,7 @@ def test_scratch_fit_then_test_from_checkpoint(cifar_dir: Path, tmp_path: Path) 
 
     proc = run_cli("test", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(last), cwd=tmp_path)
     assert "test/top1" in proc.stdout and "test/top5" in proc.stdout
-    test_scalars = read_scalars(tmp_path / "runs" / "scratch" / "version_1")
+    test_scalars = read_scalars(tmp_path / "runs" / "scratch" / "version_0-test")
     top1 = test_scalars["test/top1"][0][1]
     assert 0.0 <= top1 <= 1.0 and test_scalars["test/top5"][0][1] >= top1
 

@@ -138,6 +138,33 @@ def parse_error(parser: ArgumentParser, args: list[str]) -> str | None:
     return None
 
 
+def without_help(args: list[str]) -> list[str]:
+    """``args`` without ``--help``/``-h``/``--version`` and ``--<key>.help CLASS``, which end a parse early (with
+    exit code 0) and would let a misspelt flag before them pass unseen."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--help", "-h", "--version"):
+            continue
+        elif arg.startswith("--") and arg.endswith(".help"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def command_error(parser: ArgumentParser, args: list[str]) -> str | None:
+    """Why the command's arguments do not parse: as shown, and, if it asks for help, without the help flags too
+    (when something is left beyond the subcommand)."""
+    error = parse_error(parser, args)
+    rest = without_help(args)
+    if error is None and rest != args and len(rest) > 1:
+        error = parse_error(parser, rest)
+    return error
+
+
 def with_recipe_for_run_configs(args: tuple[str, ...]) -> list[str]:
     """``args`` with a missing ``runs/<name>/version_N/config.yaml`` replaced by ``configs/<name>.yaml``."""
     out = list(args)
@@ -182,7 +209,7 @@ def test_commands_parse(parsers: dict[str, ArgumentParser], monkeypatch: pytest.
     failures = []
     for path in DOCS:
         for command in commands_in(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT))):
-            error = parse_error(parsers[command.program], with_recipe_for_run_configs(command.args))
+            error = command_error(parsers[command.program], with_recipe_for_run_configs(command.args))
             if error:
                 failures.append(f"{command.where}\n    {error.splitlines()[0] if error else ''}")
     assert not failures, "commands in the docs that no longer parse:\n" + "\n".join(failures)
@@ -216,11 +243,21 @@ def test_a_misspelt_flag_is_found(parsers: dict[str, ArgumentParser], monkeypatc
         "srun .venv/bin/cifar-resnet fit --config configs/scratch.yaml --model.init_args.optimizer.init_args.lrr 1\n"
         "torchrun -m cifar_resnet fit --config configs/scratch.yaml --trainer.max_epochs 3 | tee log\n"
         "cifar-resnet-export a.ckpt model.onnx --formt onnx\n"
+        "cifar-resnet fit --config configs/scratch.yaml --trainer.max_epochz 3 --help\n"
+        "cifar-resnet fit --config configs/scratch.yaml --model.help ScratchResNet\n"
         "```\n"
         "and `cifar-resnet test --config configs/scratch.yaml --ckpt_path last`, not `Another cifar-resnet process`.\n"
     )
     commands = commands_in(text)
-    assert [c.args[-1] for c in commands] == ["3", "1", "3", "onnx", "last"], commands
-    errors = [parse_error(parsers[c.program], list(c.args)) for c in commands]
-    assert [e is not None for e in errors] == [True, True, False, True, False], errors
+    assert [c.args[-1] for c in commands] == ["3", "1", "3", "onnx", "--help", "ScratchResNet", "last"], commands
+    errors = [command_error(parsers[c.program], list(c.args)) for c in commands]
+    assert [e is not None for e in errors] == [True, True, False, True, True, False, False], errors
     assert "max_epochz" in errors[0] and "formt" in errors[3]
+
+
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    """A newcomer finds every page from the README's table."""
+    readme = without_code((ROOT / "README.md").read_text(encoding="utf-8"))
+    linked = {(ROOT / m.group(1).partition("#")[0]).resolve() for m in LINK.finditer(readme)}
+    unlinked = [path.name for path in DOCS[1:] if path.resolve() not in linked]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"

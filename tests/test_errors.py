@@ -13,7 +13,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet
 from cli_process import CliProcess
 from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
+from faults import pause_point, wait_until_paused
 
 # The seed recipes without their per-epoch figures: these tests are about what goes wrong.
 SCRATCH, FINETUNE = without_figures("scratch.yaml"), without_figures("finetune.yaml")
@@ -234,6 +234,7 @@ def test_weights_file_of_another_architecture_on_the_command_line(cifar_dir: Pat
 # --- atomic checkpoints -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     target = tmp_path / "last.ckpt"
     atomic_save({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, target)
@@ -257,6 +258,7 @@ atomic_save({{"state_dict": {{"w": torch.zeros(3)}}, "epoch": 1}}, {str(target)!
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.") and leftovers[0].endswith(".tmp")
 
 
+@pytest.mark.slow
 def test_the_recipes_use_atomic_checkpoints_and_the_guards(cifar_dir: Path, tmp_path: Path) -> None:
     for config in (str(CONFIGS / "scratch.yaml"), str(CONFIGS / "finetune.yaml")):
         cli = run(["validate", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs"),
@@ -271,6 +273,7 @@ def test_the_recipes_use_atomic_checkpoints_and_the_guards(cifar_dir: Path, tmp_
 # --- training going wrong ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cifar_dir: Path, tmp_path: Path, capsys) -> None:
     args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.precision", "32-true"]
     assert main(["fit", "--config", SCRATCH, *args]) is None
@@ -361,9 +364,9 @@ def test_commands_with_a_resumed_runs_config_never_write_into_that_run(cifar_dir
     main(["test", "--config", str(config), *save_dir, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     main(["fit", "--config", str(config), *save_dir, "--ckpt_path", "null"])  # a new run from the same recipe
     assert_intact(before)
-    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0", "version_1", "version_2"]
-    assert (run_dir.parent / "version_1" / "test_report.json").is_file()
-    assert (run_dir.parent / "version_2" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0", "version_0-test", "version_1"]
+    assert (run_dir.parent / "version_0-test" / "test_report.json").is_file()
+    assert (run_dir.parent / "version_1" / "checkpoints" / "last.ckpt").is_file()
 
 
 def is_locked(path: Path) -> bool:
@@ -383,13 +386,12 @@ def test_a_second_process_cannot_write_into_a_run_being_written(cifar_dir: Path,
     run_dir = copy_run(trained, tmp_path)
     args = ["fit", "--config", str(run_dir / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
             "--trainer.max_epochs", "3", "--ckpt_path", "last"]  # fmt: skip
-    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
-    first = CliProcess([*args, *slow], tmp_path, env_with_tests())
+    pause = ["--trainer.callbacks+=faults.PauseAtStep", "--trainer.callbacks.fifo", str(pause_point(tmp_path))]
+    first = CliProcess([*args, *pause], tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 120
-        while not is_locked(run_dir / ".lock") and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.poll() is None, first.communicate()[1][-3000:]
+        # Paused at its first training step, long after it took the lock (in setup), until it is killed below.
+        wait_until_paused(tmp_path / "pause.fifo", first, timeout=120)
+        assert is_locked(run_dir / ".lock")
         err = fails(capsys, *args)
         assert f"Another cifar-resnet process is writing into '{run_dir}'" in err
     finally:
@@ -458,6 +460,7 @@ def test_checkpoints_are_created_as_the_umask_says(trained: dict, tmp_path: Path
 # --- a config is code ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_config_cannot_import_modules_from_the_working_folder(cifar_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "evil.py").write_text(
         "from pathlib import Path\nPath('pwned').write_text('code ran')\n"

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from cifar_resnet.cli import main
 from conftest import CONFIGS, tiny_args
+
+pytestmark = pytest.mark.slow  # every test here runs the program end to end (make test-fast leaves them out)
 
 
 def test_training_steps_do_not_read_tensors_back(cifar_dir: Path, tmp_path: Path) -> None:

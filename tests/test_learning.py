@@ -10,6 +10,8 @@ import pytest
 from cifar_resnet.cli import run
 from conftest import CONFIGS, read_scalars, tiny_args
 
+pytestmark = pytest.mark.slow  # every test here runs the program end to end (make test-fast leaves them out)
+
 STEPS = 6
 BATCH = 10
 

@@ -6,7 +6,6 @@ import math
 import random
 import shutil
 import signal
-import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +29,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.schedules import WarmupDecayLR
 from cli_process import CliProcess
 from conftest import CONFIGS, drop_figures, env_with_tests, read_scalars, run_cli
+from faults import pause_point, wait_until_paused
 
 # Lightning 2.6's own use of a torch API that newer torch deprecates (the CLI silences it too).
 LIGHTNING_LEAFSPEC = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
@@ -330,7 +330,7 @@ def test_recipe_learns_and_a_zeroed_loss_does_not(recipe: str, learnable_dir: Pa
                 assert lr == pytest.approx(base * expected_factor(step, steps, 0.1, decay), rel=1e-5), step
             last = run_dir / "checkpoints" / "last.ckpt"
             proc = run_cli("test", *args, "--ckpt_path", str(last), cwd=tmp_path, installed=True)
-            test_scalars = read_scalars(save_dir / recipe / "version_1")
+            test_scalars = read_scalars(save_dir / recipe / "version_0-test")
             assert {"test/top1", "test/top5", "test/top1_tta", "test/top5_tta"} <= test_scalars.keys()
             assert "test/top1" in proc.stdout
     # 100 classes: chance is 1 %.
@@ -363,13 +363,12 @@ def test_killed_fast_run_resumes_to_the_same_weights_and_ema(cuda_graph: str, le
 
     save_dir = tmp_path / "killed"
     last = save_dir / "fast" / "version_0" / "checkpoints" / "last.ckpt"
-    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "0.5"]
-    proc = CliProcess(args(save_dir, *slow), tmp_path, env_with_tests())
+    pause = ["--trainer.callbacks+=faults.PauseAtStep", "--trainer.callbacks.fifo", str(pause_point(tmp_path)),
+             "--trainer.callbacks.step", "4"]  # fmt: skip
+    proc = CliProcess(args(save_dir, *pause), tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 300
-        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert last.exists(), f"no last.ckpt appeared (exit code {proc.poll()})"
+        assert wait_until_paused(tmp_path / "pause.fifo", proc) == "paused at step 4, epoch 1"
+        assert last.exists()
         proc.send_signal(signal.SIGKILL)
     finally:
         if proc.poll() is None:

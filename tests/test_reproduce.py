@@ -147,6 +147,7 @@ def test_max_minutes_stops_and_keeps_finished_rows_and_failures_are_rows(
     assert report["recipes"]["scratch"]["stats"]["test_top1"]["n"] == 1
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so_and_starts_nothing(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "GPU_CHECK_OUT": str(out)}

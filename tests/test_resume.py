@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from cifar_resnet.checkpointing import find_last_checkpoint
 from cifar_resnet.data.datamodule import EpochShuffle
 from cli_process import CliProcess
 from conftest import env_with_tests, read_scalars, run_cli, tiny_args, warning_lines, without_figures
+from faults import pause_point, wait_until_paused
 
 # Timing scalars differ between any two runs; everything else must not.
 TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib",
@@ -57,14 +58,13 @@ def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted:
     save_dir = tmp_path / "runs"
     run_dir = save_dir / "scratch" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
-    # Slowed down (without touching the numbers) so the kill lands in the second epoch.
-    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "0.5"]
-    proc = CliProcess(fit_args(cifar_dir, save_dir, *slow), tmp_path, env_with_tests())
+    # Paused (without touching the numbers) at the first step of the second epoch, where the signal lands.
+    pause = ["--trainer.callbacks+=faults.PauseAtStep", "--trainer.callbacks.fifo", str(pause_point(tmp_path)),
+             "--trainer.callbacks.step", "2"]  # fmt: skip
+    proc = CliProcess(fit_args(cifar_dir, save_dir, *pause), tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 240
-        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert last.exists(), f"no last.ckpt appeared (exit code {proc.poll()})"
+        assert wait_until_paused(tmp_path / "pause.fifo", proc, timeout=240) == "paused at step 2, epoch 1"
+        assert last.exists()
         proc.send_signal(stop)
         stderr = proc.communicate(timeout=60)[1]
     finally:
@@ -81,7 +81,7 @@ def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted:
         message = stderr.strip().splitlines()[-1]
         assert message.startswith(f"cifar-resnet: fit stopped by SIGTERM in epoch 1, which starts again on resume. Resume from {last} with: cifar-resnet fit ")
         resume = shlex.split(message.split(" with: ", 1)[1])[1:]  # the printed command, exactly
-        assert resume == [*fit_args(cifar_dir, save_dir, *slow), "--ckpt_path", str(last)]
+        assert resume == [*fit_args(cifar_dir, save_dir, *pause), "--ckpt_path", str(last)]  # (its FIFO is gone)
 
     proc = run_cli(*resume, cwd=tmp_path, env=env_with_tests())
     assert f"Restoring states from the checkpoint path at {last}" in proc.stdout + proc.stderr
@@ -108,6 +108,7 @@ def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted:
     assert list(reference["train/lr"].values()) == pytest.approx([1e-3, 1e-3, 1e-4])
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_the_last_epoch_when_the_metric_stalls(cifar_dir: Path, tmp_path: Path) -> None:
     """With lr 0, val/top1 never improves after epoch 0: last.ckpt must still follow every epoch."""
     frozen = fit_args(cifar_dir, tmp_path / "runs", "--model.init_args.optimizer.init_args.lr", "0")
@@ -160,14 +161,13 @@ def test_epoch_shuffle_is_a_fixed_function_of_seed_and_epoch() -> None:
     assert list(EpochShuffle(50, seed=4)) != orders[0]
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_to_start_again(cifar_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "scratch" / "version_0"
-    slow = ["--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "1"]
-    proc = CliProcess(fit_args(cifar_dir, tmp_path / "runs", *slow), tmp_path, env_with_tests())
+    pause = ["--trainer.callbacks+=faults.PauseAtStep", "--trainer.callbacks.fifo", str(pause_point(tmp_path))]
+    proc = CliProcess(fit_args(cifar_dir, tmp_path / "runs", *pause), tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 240
-        while not list(run_dir.glob("events.out.tfevents.*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # the event file appears when training starts
+        assert wait_until_paused(tmp_path / "pause.fifo", proc, timeout=240) == "paused at step 0, epoch 0"
         proc.send_signal(signal.SIGINT)
         stderr = proc.communicate(timeout=60)[1]
     finally:
@@ -187,13 +187,19 @@ def test_last_is_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     new = tmp_path / "version_1" / "checkpoints"
     for folder in (old, new):
         folder.mkdir(parents=True)
-    (old / "last.ckpt").write_bytes(b"older run")
-    time.sleep(0.01)
-    (new / "best-epoch=0-top1=0.0300.ckpt").write_bytes(b"complete")
-    (new / ".last.ckpt.abc123.tmp").write_bytes(b"torn")
+    # Each file written a second after the one before (its time set, not waited for).
+    written = iter(range(1_700_000_000, 1_700_000_100))
+
+    def write(path: Path, content: bytes) -> None:
+        path.write_bytes(content)
+        seconds = next(written)
+        os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
+
+    write(old / "last.ckpt", b"older run")
+    write(new / "best-epoch=0-top1=0.0300.ckpt", b"complete")
+    write(new / ".last.ckpt.abc123.tmp", b"torn")
     assert find_last_checkpoint(tmp_path) == new / "best-epoch=0-top1=0.0300.ckpt"
-    time.sleep(0.01)
-    (new / "last.ckpt").write_bytes(b"complete, newer")
+    write(new / "last.ckpt", b"complete, newer")
     assert find_last_checkpoint(tmp_path) == new / "last.ckpt"
     assert find_last_checkpoint(tmp_path / "nothing") is None
 

@@ -68,7 +68,7 @@ def test_fit_ends_with_the_best_score_and_checkpoint_and_no_warnings(reviewed: R
 
 
 def test_test_report_table_and_json_match_the_logged_metrics(reviewed: ReviewedRun) -> None:
-    run_dir = reviewed.runs / "scratch" / "version_1"
+    run_dir = reviewed.runs / "scratch" / "version_0-test"
     report = json.loads((run_dir / "test_report.json").read_text())
     logged = read_scalars(run_dir)
     for name in ("test/top1", "test/top5", "test/loss"):
@@ -136,7 +136,7 @@ class TensorBoardServer:
 
 
 def test_tensorboard_serves_scalars_figures_and_hparams(reviewed: ReviewedRun) -> None:
-    fit_run, test_run = "scratch/version_0", "scratch/version_1"
+    fit_run, test_run = "scratch/version_0", "scratch/version_0-test"
     server = TensorBoardServer(reviewed.runs)
     try:
         server.wait_until_loaded(test_run)
@@ -402,6 +402,52 @@ def test_export_to_onnx_matches_pytorch(reviewed: ReviewedRun, tmp_path: Path) -
     # Tolerance: float32 kernels of two runtimes differ in summation order, ~1e-5 on logits of size ~10.
     assert logits.shape == (5, 100) and np.abs(logits - expected).max() < 1e-3
     assert (logits.argmax(1) == expected.argmax(1)).all()
+
+
+def test_the_exported_json_lists_every_step_predict_takes(reviewed: ReviewedRun, tmp_path: Path) -> None:
+    """Following the JSON's steps with Pillow, numpy and onnxruntime alone gives predict's probabilities, on
+    images that need each step: an alpha channel, a palette, an EXIF turn of a non-square JPEG, 16 bits."""
+    import onnxruntime
+    from PIL import ImageOps
+
+    photos, rng = tmp_path / "photos", np.random.default_rng(0)
+    photos.mkdir()
+    Image.fromarray(rng.integers(0, 256, (30, 50, 4), dtype=np.uint8), "RGBA").save(photos / "a_alpha.png")
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).convert("P").save(photos / "b_palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turned 90 degrees
+    Image.fromarray(rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)).save(photos / "c_turned.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 65536, (36, 36), dtype=np.uint16)).save(photos / "d_16bit.png")
+    output = tmp_path / "predictions.csv"
+    run_cli("predict", "--config", CONFIG, *reviewed.args, "--ckpt_path", str(reviewed.best), "--data.predict_path", str(photos),
+            "--prediction.output", str(output), cwd=tmp_path)  # fmt: skip
+    proc = CliProcess([str(reviewed.best), str(tmp_path / "model.onnx")], tmp_path, target=export_command).finish(timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "model.onnx.json").read_text())
+    steps = " ".join(info["input"]["preprocessing"])
+    for named in ("draft", "exif_transpose", "/257", "convert('RGB')", "alpha channel is dropped", "palette", "LANCZOS", "`mean`"):
+        assert named in steps
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    mean, std = np.array(info["input"]["mean"], np.float32), np.array(info["input"]["std"], np.float32)
+    with output.open() as file:
+        rows = {row["file"]: row for row in csv.DictReader(file)}
+    for path in sorted(photos.iterdir()):
+        with Image.open(path) as image:  # the JSON's steps, one by one
+            image.draft("RGB", (128, 128))
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257), 0, 255).astype(np.uint8), "L")
+            image = ImageOps.fit(image.convert("RGB"), (32, 32), method=Image.Resampling.LANCZOS)
+        x = ((np.asarray(image, np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None]
+        (logits,) = session.run(["logits"], {"images": x})
+        if info["tta"]:
+            logits = (logits + session.run(["logits"], {"images": x[..., ::-1].copy()})[0]) / 2
+        probs = np.exp(logits[0] - logits[0].max())
+        probs /= probs.sum()
+        top = np.argsort(-probs)[:5]
+        row = rows[path.name]
+        assert [float(row[f"prob_{k}"]) for k in range(1, 6)] == pytest.approx(probs[top].tolist(), abs=2e-4), path.name
+        assert row["class_1"] == info["class_names"][top[0]], path.name
 
 
 def test_the_command_introduces_itself() -> None:

@@ -20,7 +20,7 @@ from cifar_resnet import FineTunedResNet18, ScratchResNet
 from cifar_resnet.averaging import EMAWeights
 from cifar_resnet.schedules import WarmupDecayLR
 from cifar_resnet.step import TrainStep, execution_settings, portable_optimizer_state, prepare_for_capture
-from conftest import CONFIGS, env_with_tests, run_cli, without_figures
+from conftest import CONFIGS, env_with_tests, read_scalars, run_cli, without_figures
 
 UNCAPTURED = "so each training step runs as one function, uncaptured"
 
@@ -33,13 +33,15 @@ def fit_args(recipe: str, data_dir: Path, save_dir: Path, *extra: str) -> list[s
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
         "--trainer.deterministic", "true", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
         "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(save_dir),
-        "--trainer.enable_progress_bar", "false", "--model.init_args.compile", "false", *extra,
+        "--trainer.enable_progress_bar", "false", "--model.init_args.compile", "false",
+        "--trainer.log_every_n_steps", "1", *extra,
     ]  # fmt: skip
 
 
 # ---- the module's own step does Lightning's math ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("recipe", "extra"),
     [
@@ -50,14 +52,25 @@ def fit_args(recipe: str, data_dir: Path, save_dir: Path, *extra: str) -> list[s
     ],
 )
 def test_own_step_gives_the_weights_of_lightnings_step(recipe: str, extra: list[str], cifar_dir: Path, tmp_path: Path) -> None:
-    runs = {}
+    runs, scalars = {}, {}
     for setting in ("false", "true"):
         proc = run_cli(*fit_args(recipe, cifar_dir, tmp_path / setting, *extra, "--model.init_args.cuda_graph", setting), cwd=tmp_path)
         assert (UNCAPTURED in proc.stderr + proc.stdout) == (setting == "true"), "the fallback is said in one line"
         (last,) = (tmp_path / setting).glob("*/version_0/checkpoints/last.ckpt")
         (first,) = (tmp_path / setting).glob("*/version_0/checkpoints/best-epoch=0-*.ckpt")
         runs[setting] = torch.load(last, weights_only=True), torch.load(first, weights_only=True)
+        scalars[setting] = read_scalars(last.parent.parent)
     (lightning, lightning_epoch0), (own, _) = runs["false"], runs["true"]
+    # The learning rate of every step (LearningRateMonitor) and the logged losses are Lightning's.
+    lr_tags = sorted(tag for tag in scalars["false"] if tag.startswith("train/lr"))
+    logged = 6 if recipe == "fast.yaml" else 2  # LearningRateMonitor: every step, or every epoch (the seed's)
+    assert lr_tags and all(len(scalars["false"][tag]) == logged for tag in lr_tags)
+    for tag in [*lr_tags, "train/loss_step", "train/top1", "train/top5"]:
+        own_series, lightning_series = dict(scalars["true"][tag]), dict(scalars["false"][tag])
+        assert own_series.keys() == lightning_series.keys(), tag
+        assert list(own_series.values()) == pytest.approx(list(lightning_series.values()), rel=1e-5), tag
+    if recipe == "fast.yaml":
+        assert len({lr for _, lr in scalars["true"]["train/lr/decay"]}) == 6, "a new learning rate every step"
     assert own["global_step"] == lightning["global_step"] == 6
     keys = ["state_dict", *(["current_model_state", "averaging_state"] if "averaging_state" in lightning else [])]
     for key in keys:
@@ -111,6 +124,7 @@ CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "cuda_graph"), CASES)
 def test_a_training_step_never_waits_for_the_device(
     recipe: str, cuda_graph: str, cifar_dir: Path, resnet18_weights: Path, tmp_path: Path

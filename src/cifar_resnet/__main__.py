@@ -1,6 +1,6 @@
 """``python -m cifar_resnet`` runs the same CLI as the ``cifar-resnet`` command."""
 
-from cifar_resnet.cli import main
+from cifar_resnet.entry import main
 
 if __name__ == "__main__":
     main()

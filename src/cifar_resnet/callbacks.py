@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import importlib
+import inspect
 import math
 import os
 import signal
@@ -396,12 +398,36 @@ class HParamsSummary(Callback):
         logger = tensorboard(trainer)
         if not trainer.is_global_zero or logger is None:
             return
-        params = dict(pl_module.hparams_initial)
+        params = {"recipe": logger.name, "max_epochs": trainer.max_epochs, **pl_module.hparams_initial}
         if trainer.datamodule is not None:
             params.update(trainer.datamodule.hparams_initial)
-        _, session_start, session_end = hparams(flat_hparams(params), {})
+        _, session_start, session_end = hparams(flat_hparams(without_unset_switches(params)), {})
         logger.experiment._get_file_writer().add_summary(session_start if start else session_end)
         logger.experiment.flush()
+
+
+def without_unset_switches(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` less the arguments of its ``class_path``/``init_args`` entries (optimizer, LR scheduler) that
+    are switches left at their off default, ``None`` or ``False`` (``foreach``, ``fused``, ``capturable``,
+    ``differentiable``, ``maximize``, ...): columns nobody sets, that would crowd the HPARAMS tab."""
+    kept = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and isinstance(value.get("init_args"), dict) and "class_path" in value:
+            defaults = _signature_defaults(str(value["class_path"]))
+            unset = {k for k, v in value["init_args"].items() if k in defaults and defaults[k] in (None, False) and v is defaults[k]}
+            value = {**value, "init_args": {k: v for k, v in value["init_args"].items() if k not in unset}}
+        kept[key] = value
+    return kept
+
+
+def _signature_defaults(class_path: str) -> dict[str, Any]:
+    """The constructor defaults of the class at ``class_path`` ({} if it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return {}
+    return {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def flat_hparams(params: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from contextlib import nullcontext
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -15,7 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_resnet.averaging import EMAWeights
-from cifar_resnet.checkpointing import check_checkpoint_fits
+from cifar_resnet.checkpointing import check_checkpoint_fits, stamp_schema
 from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
@@ -40,6 +42,10 @@ STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_st
 
 class ImageClassifier(LightningModule, ABC):
     """Cross-entropy classification with top-1/top-5 accuracy; subclasses only build the network."""
+
+    # Settings that change what the network is: a checkpoint loads only under the values it was trained with.
+    # Any other setting, here or added later, may differ (checkpointing.check_checkpoint_fits).
+    network_settings: ClassVar[frozenset[str]] = frozenset({"num_classes"})
 
     def __init__(
         self,
@@ -379,6 +385,27 @@ class ImageClassifier(LightningModule, ABC):
         if self._train_step is not None:  # a captured graph may read tensors that the restore replaces
             self._train_step.reset()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stamp the checkpoint with its layout's version."""
+        stamp_schema(checkpoint)
+
+    @property
+    def lr(self) -> float | None:
+        """The optimizer's learning rate, which Lightning's ``LearningRateFinder`` reads and sets."""
+        keywords = getattr(self.optimizer, "keywords", None)  # the config's optimizer: a partial with every init arg
+        if keywords is not None:
+            return keywords.get("lr")
+        parameter = inspect.signature(self.optimizer).parameters.get("lr")  # a bare optimizer class
+        return None if parameter is None else parameter.default
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Set the learning rate of the optimizers built from now on, and in the recorded settings."""
+        self.optimizer = functools.partial(self.optimizer, lr=value)
+        recorded = self.hparams.get("optimizer")
+        if isinstance(recorded, dict) and isinstance(recorded.get("init_args"), dict):
+            recorded["init_args"]["lr"] = value
+
     def configure_optimizers(self) -> Any:
         """The optimizer and LR scheduler given in the config (see ``lr_scheduler`` for when it steps)."""
         optimizer = self.optimizer(parameter_groups(self, self.hparams.weight_decay_norm_and_bias))
@@ -427,6 +454,8 @@ def parameter_groups(module: nn.Module, decay_norm_and_bias: bool = True) -> lis
 
 class ScratchResNet(ImageClassifier):
     """The seed's ResNet for 32x32 images, trained from scratch."""
+
+    network_settings: ClassVar[frozenset[str]] = frozenset({"dropout"})
 
     def __init__(self, dropout: float = 0.3, optimizer: OptimizerCallable = torch.optim.Adam, **kwargs: Any) -> None:
         """

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import errno
 import logging
 import os
+import re
 import shlex
+import shutil
 import signal
 import sys
 import warnings
@@ -15,12 +18,14 @@ from typing import Any
 import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
-from cifar_resnet.callbacks import FixedFormatProgressBar, RunFolderLock, StopChildProcessesOnError
+from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import (
     LAST,
     WRITE_ERRORS,
@@ -36,6 +41,7 @@ from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
 from cifar_resnet.predict import PredictionWriter
+from cifar_resnet.tuning import TUNERS, FollowTuners, is_tuner
 
 # Lightning messages that do not apply to this program or that a user cannot act on. Each is a
 # regular expression matched against the start of the message.
@@ -155,16 +161,43 @@ class SaveConfigSafely(SaveConfigCallback):
         path = self._path(trainer)
         if trainer.is_global_zero:
             wait_for_checkpoints(trainer)  # a checkpoint that failed in the background keeps the old config
-            text = self.parser.dump(self.config, skip_none=False)
+            text = self.parser.dump(_as_trained(self.config, trainer), skip_none=False)
             atomic_write(path, lambda f: f.write(text.encode()))
         self.already_saved = True
 
 
+def _as_trained(config: Namespace, trainer: Trainer) -> Namespace:
+    """``config`` with the learning rate and batch size a tuner chose in place of the given ones, and without
+    the tuners, so that a resume with the run's ``config.yaml`` trains on with them instead of tuning again."""
+    callbacks = config.trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if trainer.lightning_module is None or not any(is_tuner(c.get("class_path")) for c in callbacks if isinstance(c, Namespace)):
+        return config
+    config = config.clone()
+    config.trainer.callbacks = [c for c in callbacks if not (isinstance(c, Namespace) and is_tuner(c.get("class_path")))]
+    optimizer = config.model.init_args.get("optimizer") if config.get("model") else None
+    lr = getattr(trainer.lightning_module, "lr", None)
+    if isinstance(optimizer, Namespace) and isinstance(optimizer.get("init_args"), Namespace) and lr is not None:
+        optimizer.init_args.lr = lr
+    if trainer.datamodule is not None and config.get("data") and "batch_size" in trainer.datamodule.hparams:
+        config.data.batch_size = trainer.datamodule.hparams.batch_size
+    return config
+
+
+# The recipes in configs/, and what each is.
+RECIPE_FILES = {
+    "configs/scratch.yaml": "the seed's ResNet from scratch",
+    "configs/finetune.yaml": "the seed's fine-tuning of ImageNet ResNet18",
+    "configs/fast.yaml": "a modern recipe for the seed's ResNet",
+    "configs/finetune_fast.yaml": "a modern fine-tuning of ResNet18",
+}
+DEBUG_OVERLAY = "configs/debug.yaml"
+RECIPE_LIST = "; ".join(f"{path} ({what})" for path, what in RECIPE_FILES.items())
 DESCRIPTION = (
     "cifar-resnet trains and evaluates ResNets on CIFAR-100 with PyTorch Lightning. A YAML config is the "
-    "experiment: configs/scratch.yaml (the seed's ResNet from scratch) and configs/finetune.yaml (ImageNet "
-    "ResNet18, fine-tuned); any setting can be overridden on the command line. Runs, checkpoints and "
-    "TensorBoard logs go to runs/<name>/version_N/. See README.md."
+    f"experiment: {RECIPE_LIST}. Any setting can be overridden on the command line; add --config "
+    f"{DEBUG_OVERLAY} after a recipe for a quick run on the CPU. Runs, checkpoints and TensorBoard logs go to "
+    "runs/<name>/version_N/. See README.md."
 )
 SUBCOMMANDS = {
     "fit": "Train a model as the config says, or resume a run with --ckpt_path last.",
@@ -173,9 +206,9 @@ SUBCOMMANDS = {
     "predict": "Give the top-5 classes of your own images (--data.predict_path) from a checkpoint, as a CSV.",
 }
 RECIPES = (
-    " Start from a recipe: --config configs/scratch.yaml, finetune.yaml, fast.yaml or finetune_fast.yaml "
-    "(README.md, \"The four recipes\"). Each model's own settings: --model.help ScratchResNet or --model.help "
-    "FineTunedResNet18."
+    f" Start from a recipe: --config {', '.join(RECIPE_FILES)} (README.md, \"The four recipes\"); add --config "
+    f"{DEBUG_OVERLAY} after it for a quick CPU run. Each model's own settings: --model.help ScratchResNet or "
+    "--model.help FineTunedResNet18."
 )
 OPTION_HELP = {
     "ckpt_path": (
@@ -185,6 +218,9 @@ OPTION_HELP = {
         "new version folder. Its class names and input settings come with it, so predict on image files "
         "needs no CIFAR-100 archive."
     ),
+    "optimizer": "The model's optimizer (the same as --model.init_args.optimizer): class and arguments, e.g. "
+    "--optimizer torch.optim.SGD --optimizer.lr 0.1. The recipe's LR schedule and parameter groups stay.",
+    "lr_scheduler": "The model's LR scheduler (the same as --model.init_args.lr_scheduler); see --model.help for when it steps.",
     "weights_only": (
         "Load checkpoints with torch.load(weights_only=True) (the default here): tensors and plain values only, "
         "so a checkpoint cannot run code. Use false only for a checkpoint you trust that needs it."
@@ -209,6 +245,23 @@ class CifarCLI(LightningCLI):
             if isinstance(exit_.__context__, KeyboardInterrupt):
                 raise self._interrupted(signal.SIGINT) from None
             raise
+        except Exception:
+            self._drop_unused_run_folder()
+            raise
+
+    def _drop_unused_run_folder(self) -> None:
+        """After a command failed: remove the version folder it made if nothing but its lock and settings
+        went in (no checkpoint, log or report), so that failed commands leave no empty runs behind."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not getattr(self, "_new_run_folder", False) or not trainer.is_global_zero:
+            return
+        # Not trainer.log_dir: it broadcasts, which a failed DDP job must not do.
+        folder = Path(trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir)
+        if not folder.is_dir() or folder.resolve() == Path.cwd().resolve():
+            return
+        files = [p for p in folder.rglob("*") if not p.is_dir()]
+        if all(p.name in UNUSED_RUN_FILES for p in files):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _interrupted(self, signum: signal.Signals) -> Interrupted:
         """What to tell the user: the epoch that stopped and the newest checkpoint of the run."""
@@ -238,6 +291,7 @@ class CifarCLI(LightningCLI):
                 # The recipes autotune cuDNN, which would make `deterministic: true` silently non-deterministic.
                 trainer.benchmark = False
             _check_values(config)
+            _optimizer_flags_to_model(config)
             self._resolve_run(subcommand, config)
 
     def _parse_ckpt_path(self) -> None:
@@ -251,18 +305,27 @@ class CifarCLI(LightningCLI):
 
     def _resolve_run(self, subcommand: str, config: Namespace) -> None:
         """Turn ``last`` into the run's newest checkpoint and continue that run's folder; any other
-        command writes a new version folder, never into an existing one."""
+        command writes a new version folder, never into an existing one. Without a logger
+        (``--trainer.logger false``) the run folder is ``<default_root_dir or runs>/<recipe>/version_N``
+        all the same."""
         if config.get("weights_only") is None:
             config.weights_only = True
+        self._run_dir: Path | None = None
+        self._new_run_folder = True  # until it turns out to resume a run in its folder
         logger = config.trainer.get("logger")
-        experiment = _experiment_dir(logger)
-        if experiment is None:
-            return
-        init_args = logger.init_args
-        pinned = init_args.get("version")
-        if pinned is not None and (experiment / str(pinned)).exists():
-            # A run's config.yaml pins its version: a new command must not write into that run.
-            init_args.version = None
+        if logger is False:
+            experiment = Path(config.trainer.get("default_root_dir") or "runs") / _recipe_name(config)
+            self._run_dir = experiment / f"version_{_next_version(experiment)}"
+            init_args = None
+        else:
+            experiment = _experiment_dir(logger)
+            if experiment is None:
+                return
+            init_args = logger.init_args
+            pinned = init_args.get("version")
+            if pinned is not None and (experiment / str(pinned)).exists():
+                # A run's config.yaml pins its version: a new command must not write into that run.
+                init_args.version = None
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             found = find_last_checkpoint(experiment)
@@ -272,22 +335,47 @@ class CifarCLI(LightningCLI):
                 config.ckpt_path = None  # as Lightning does: a first run with `--ckpt_path last` starts from scratch
                 return
             config.ckpt_path = ckpt_path = str(found)
-        if subcommand != "fit" or not ckpt_path or ckpt_path in ("best", "hpc"):
+        if subcommand != "fit":
+            # Its own folder, named after what it evaluates: runs/scratch/version_0-test for version_0's checkpoint.
+            name = _evaluation_folder(experiment, ckpt_path, subcommand)
+            if init_args is None:
+                self._run_dir = experiment / name
+            elif init_args.get("version") is None:
+                init_args.version = name
+            return
+        if not ckpt_path or ckpt_path in ("best", "hpc"):
             return
         run_dir = Path(ckpt_path).resolve().parent.parent
         if run_dir.parent == experiment.resolve():
             # Resuming: write logs and checkpoints into the run's own folder, not in a new version_N+1.
-            init_args.version = run_dir.name
+            if init_args is not None:
+                init_args.version = run_dir.name
+            else:
+                self._run_dir = run_dir
+            self._new_run_folder = False
             # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with Lightning's complaints about its settings turned into a short error."""
-        with_fixed_format_bar(self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"], kwargs)
+        trainer_config = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        with_fixed_format_bar(trainer_config, kwargs)
+        callbacks = kwargs.get("callbacks", trainer_config.get("callbacks")) or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if any(isinstance(callback, TUNERS) for callback in callbacks):
+            # Lightning runs the tuners first; FollowTuners must come next, before anything records the settings.
+            kwargs["callbacks"] = [FollowTuners(), *callbacks]
+        if getattr(self, "_run_dir", None) is not None:
+            kwargs["default_root_dir"] = str(self._run_dir)  # not in config.yaml: a later command decides its own
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except MisconfigurationException as err:
             raise UserError(f"Invalid trainer settings: {err}") from err
+        if not trainer.loggers:
+            _without_logger_callbacks(trainer)
+        if not getattr(self, "_new_run_folder", True):
+            _keep_csv_rows(trainer)
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         """Check what only the built model and data can tell, before any work starts."""
@@ -331,6 +419,22 @@ class CifarCLI(LightningCLI):
         return parser
 
 
+def _optimizer_flags_to_model(config: Namespace) -> None:
+    """Make Lightning's top-level ``--optimizer`` and ``--lr_scheduler`` set the model's own ``optimizer`` and
+    ``lr_scheduler``: the recipe's parameter groups and (for ``--optimizer``) its LR schedule stay, and
+    ``config.yaml``, hparams.yaml and the HPARAMS tab record what trains (Lightning would replace the model's
+    ``configure_optimizers`` behind the recorded settings' back)."""
+    model = config.get("model")
+    for key in ("optimizer", "lr_scheduler"):
+        given = config.get(key)
+        if given is None:
+            continue
+        if not isinstance(model, Namespace) or not isinstance(model.get("init_args"), Namespace):
+            raise UserError(f"`--{key}` sets the model's {key}, but the config names no model. Give `--model` (or a recipe with --config).")
+        model.init_args[key] = given
+        config[key] = None
+
+
 def _check_values(config: Namespace) -> None:
     """Refuse values that Lightning or torch would only trip over later, with a traceback."""
     seed = config.get("seed_everything")
@@ -355,6 +459,78 @@ def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> 
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if not any(isinstance(callback, ProgressBar) for callback in callbacks):
         kwargs["callbacks"] = [*callbacks, FixedFormatProgressBar()]
+
+
+# What a command writes into its new version folder before it does any work (RunFolderLock, SaveConfigSafely,
+# the loggers' hyper-parameters).
+UNUSED_RUN_FILES = {".lock", "config.yaml", "hparams.yaml"}
+# Callbacks that only write to a logger (Lightning's raise an error without one).
+NEEDS_LOGGER = (LearningRateMonitor, DeviceStatsMonitor, HParamsSummary)
+
+
+def _without_logger_callbacks(trainer: Trainer) -> None:
+    """Take the callbacks that only write to a logger out of a Trainer that has none, and say so in one line."""
+    aside = [callback for callback in trainer.callbacks if isinstance(callback, NEEDS_LOGGER)]
+    if aside:
+        trainer.callbacks = [callback for callback in trainer.callbacks if callback not in aside]
+        names = sorted({type(callback).__name__ for callback in aside})
+        rank_zero_info(f"No logger (trainer.logger false): {', '.join(names)} {'step' if len(names) > 1 else 'steps'} aside (they only write to a logger).")
+
+
+def _keep_csv_rows(trainer: Trainer) -> None:
+    """Keep the rows a resumed run's ``CSVLogger`` wrote before: Lightning's CSV writer deletes an existing
+    ``metrics.csv`` when it starts (then appends to the file it writes). The file is moved aside while the
+    writer starts, then put back, and the writer continues it under its header."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or not trainer.is_global_zero:
+            continue
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        aside = metrics.with_name(".metrics.csv.resumed")
+        os.replace(metrics, aside)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment
+        os.replace(aside, metrics)
+        with metrics.open(newline="") as file:
+            writer.metrics_keys = sorted(next(csv.reader(file), []))
+
+
+def _recipe_name(config: Namespace) -> str:
+    """The run's name without a logger: the first ``--config`` file's name (``configs/fast.yaml``: ``fast``; a run's
+    own ``<name>/version_N/config.yaml``: ``<name>``), else the model's class."""
+    files = config.get("config") or []
+    if files:
+        first = Path(str(files[0]))
+        if first.parent.name.startswith("version_") and first.parent.parent.name:
+            return first.parent.parent.name
+        return first.stem
+    model = config.get("model")
+    class_path = model.get("class_path") if isinstance(model, Namespace) else None
+    return str(class_path or "lightning_logs").rsplit(".", 1)[-1].lower()
+
+
+def _evaluation_folder(experiment: Path, ckpt_path: str | None, subcommand: str) -> str:
+    """The version folder of a ``test``, ``validate`` or ``predict``: ``<run>-<subcommand>`` for a checkpoint
+    of a run of ``experiment`` (``version_0-test``), ``<checkpoint file>-<subcommand>`` for another checkpoint,
+    then ``-2``, ``-3``, ... once taken. Lightning numbers the ``fit`` runs alone (``version_N``)."""
+    if ckpt_path and ckpt_path not in ("best", "hpc"):
+        path = Path(ckpt_path).resolve()
+        run = path.parent.parent
+        base = run.name if path.parent.name == "checkpoints" and run.parent == experiment.resolve() else path.stem
+    else:
+        base = ckpt_path or "untrained"
+    name, n = f"{base}-{subcommand}", 2
+    while (experiment / name).exists():
+        name, n = f"{base}-{subcommand}-{n}", n + 1
+    return name
+
+
+def _next_version(experiment: Path) -> int:
+    """The next free ``version_N`` in ``experiment``, as Lightning's loggers count."""
+    taken = [int(p.name.split("_", 1)[1]) for p in experiment.glob("version_*") if p.is_dir() and p.name.split("_", 1)[1].isdigit()]
+    return max(taken) + 1 if taken else 0
 
 
 def _experiment_dir(logger: Any) -> Path | None:
@@ -390,7 +566,16 @@ def main(args: ArgsType = None) -> None:
     try:
         run(args)
     except ArgumentError as err:
-        print(f"cifar-resnet: error: {err}\nSee `cifar-resnet <subcommand> --help` for the options.", file=sys.stderr)
+        no_model = re.search(r"arguments are required: (\w+)\.model\b", str(err))
+        if no_model:
+            print(
+                f"cifar-resnet: error: no model or recipe given. Start from a recipe: cifar-resnet {no_model.group(1)} "
+                f"--config configs/scratch.yaml; the recipes are {RECIPE_LIST}. Add --config {DEBUG_OVERLAY} after "
+                "it for a quick CPU run.",
+                file=sys.stderr,
+            )
+        else:
+            print(f"cifar-resnet: error: {err}\nSee `cifar-resnet <subcommand> --help` for the options.", file=sys.stderr)
         raise SystemExit(2) from None
     except Interrupted as stop:
         argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else sys.argv[1:]

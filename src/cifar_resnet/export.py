@@ -6,6 +6,7 @@ Run it as ``cifar-resnet-export CKPT model.onnx`` or ``python -m cifar_resnet.ex
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -15,24 +16,26 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.checkpointing import read_checkpoint
+from cifar_resnet.checkpointing import read_checkpoint, setting_defaults
+from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
+from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError
 from cifar_resnet.models import SeedResNet, resnet18_for_cifar
 
 DATAMODULE_KEY = "CIFAR100DataModule"
+MODELS = {"ScratchResNet": ScratchResNet, "FineTunedResNet18": FineTunedResNet18}
 
 
 def network_of(checkpoint: dict[str, Any]) -> nn.Module:
     """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module)."""
     hparams = checkpoint.get("hyper_parameters", {})
     kind = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
-    num_classes = int(hparams.get("num_classes", 100))
-    if kind == "ScratchResNet":
-        net: nn.Module = SeedResNet(num_classes, float(hparams.get("dropout", 0.3)))
-    elif kind == "FineTunedResNet18":
-        net = resnet18_for_cifar(num_classes)
-    else:
-        raise UserError(f"The checkpoint holds a {kind or 'model of unknown kind'}; export knows ScratchResNet and FineTunedResNet18.")
+    if kind not in MODELS:
+        raise UserError(f"The checkpoint holds a {kind or 'model of unknown kind'}; export knows {' and '.join(MODELS)}.")
+    # A setting the checkpoint predates was trained as its default says (checkpointing.check_checkpoint_fits).
+    settings = {**setting_defaults(MODELS[kind]), **hparams}
+    num_classes = int(settings["num_classes"])
+    net: nn.Module = SeedResNet(num_classes, float(settings["dropout"])) if kind == "ScratchResNet" else resnet18_for_cifar(num_classes)
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()
 
@@ -46,6 +49,8 @@ def deployment_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
             "test or fine-tune it for one epoch with this version to get a checkpoint that has them."
         )
     transform = data["transform"]
+    size = transform["output_size"]
+    tta = bool({**setting_defaults(ImageClassifier), **checkpoint.get("hyper_parameters", {})}.get("tta"))
     return {
         "class_names": list(data["class_names"]),
         "superclass_names": list(data["superclass_names"]),
@@ -53,12 +58,37 @@ def deployment_info(checkpoint: dict[str, Any]) -> dict[str, Any]:
         "input": {
             "shape": ["batch", 3, transform["output_size"], transform["output_size"]],
             "dtype": "float32",
-            "how": "RGB pixels / 255, minus mean, divided by std, per channel; resized (bilinear) to the shape",
+            "how": "the steps in `preprocessing`, in order, from an image file to this input",
             "mean": list(transform["mean"]),
             "std": list(transform["std"]),
+            "preprocessing": preprocessing_steps(size, tta),
         },
         "output": "logits, one per class in class_names order (softmax gives probabilities)",
+        "tta": tta,
     }
+
+
+def preprocessing_steps(output_size: int, tta: bool) -> list[str]:
+    """Every step ``cifar-resnet predict`` takes from an image file to the network's input and to the
+    probabilities it writes (cifar_resnet.data.images.read_image, then the DataModule's BatchTransform)."""
+    read_size = inspect.signature(read_images).parameters["size"].default
+    steps = [
+        f"Open the file with Pillow; a JPEG is decoded in draft mode, at a reduced scale no smaller than {4 * read_size}x{4 * read_size} (Image.draft('RGB', ({4 * read_size}, {4 * read_size}))).",
+        "Turn it upright as its EXIF orientation tag says (PIL.ImageOps.exif_transpose).",
+        "16-bit, 32-bit integer and float greyscale images: scale their real range to 8 bits (0-65535 -> /257, float 0-1 -> x255, any other range stretched to 0-255); 8-bit images stay as they are.",
+        "Convert to RGB with Pillow's convert('RGB'): a palette image takes its palette's colours, greyscale is repeated in R, G and B, and an alpha channel is dropped (not composited over any background).",
+        f"Centre-crop to a square and resize it to {read_size}x{read_size} with Lanczos filtering, in uint8 (PIL.ImageOps.fit(image, ({read_size}, {read_size}), Image.Resampling.LANCZOS)).",
+        "Scale to float32 in [0, 1] (divide by 255), subtract `mean` and divide by `std`, per channel; lay it out as (3, H, W), channels R, G, B.",
+    ]
+    if output_size != read_size:
+        steps.append(
+            f"Resize to {output_size}x{output_size}, bilinear with antialiasing, align_corners=False "
+            f"(torch.nn.functional.interpolate(x, size=({output_size}, {output_size}), mode='bilinear', align_corners=False, antialias=True))."
+        )
+    if tta:
+        steps.append("Test-time augmentation: run the network on the image and on its mirror image (flipped left-right) and average the two logits.")
+    steps.append("Softmax over the logits gives the probabilities; predict writes the 5 largest.")
+    return steps
 
 
 def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] = "onnx", weights_only: bool = True) -> Path:

@@ -97,7 +97,7 @@ def format_report(report: dict[str, Any], shown: int) -> str:
     metrics, stage = report["metrics"], report.get("stage", "test")
     title = "Test report" if stage == "test" else "Validation report"
     lines = [f"{title}: {plural(report['images'], 'image')}, checkpoint {report['checkpoint']}"]
-    for key in (f"{stage}/top1", f"{stage}/top5", f"{stage}/loss"):
+    for key in (f"{stage}/top1", f"{stage}/top1_tta", f"{stage}/top5", f"{stage}/top5_tta", f"{stage}/loss"):
         if key in metrics:
             lines.append(f"  {key:<16}{metrics[key]:.4f}")
     for title, names in (("best classes", report["best_classes"]), ("worst classes", report["worst_classes"])):

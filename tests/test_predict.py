@@ -1,0 +1,45 @@
+"""The predictions CSV (src/cifar_resnet/predict.py): no cell a spreadsheet would run as a formula."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cifar_resnet.predict import CSV_NAME, PredictionWriter, spreadsheet_safe
+
+# What spreadsheets (Excel, LibreOffice, Google Sheets) read as the start of a formula (OWASP, "CSV injection").
+FORMULA_PREFIXES = ["=", "+", "-", "@", "\t", "\r"]
+
+
+@pytest.mark.parametrize("prefix", FORMULA_PREFIXES, ids=repr)
+def test_every_formula_prefix_gets_a_quote(prefix: str) -> None:
+    assert spreadsheet_safe(f"{prefix}HYPERLINK(1)") == f"'{prefix}HYPERLINK(1)"
+
+
+def test_cells_that_are_not_formulas_are_kept() -> None:
+    for cell in ("cat.png", "a=b.png", "1.5", "", "'quoted", "test[0]", "maple_tree"):
+        assert spreadsheet_safe(cell) == cell
+
+
+def test_the_csv_escapes_file_and_class_names_that_start_a_formula(tmp_path: Path) -> None:
+    names = [f"{prefix}x.png" for prefix in FORMULA_PREFIXES] + ["plain.png"]
+    class_names = ["=cmd", "+plus", "-minus", "@at", "apple", *(f"class{i}" for i in range(5, 100))]
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(predict_names=names, class_names=class_names),
+        is_global_zero=True, log_dir=str(tmp_path), default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    n = len(names)
+    predictions = [{"classes": torch.tensor([[0, 1, 2, 3, 4]] * n), "probs": torch.full((n, 5), 0.2)}]
+    PredictionWriter().write_on_epoch_end(trainer, None, predictions, [list(range(n))])
+
+    with open(tmp_path / CSV_NAME, newline="", encoding="utf-8") as file:
+        header, *rows = list(csv.reader(file))
+    assert header[:3] == ["file", "class_1", "prob_1"] and len(rows) == n
+    assert [row[0] for row in rows] == [f"'{name}" for name in names[:-1]] + ["plain.png"]
+    assert rows[0][1:9:2] == ["'=cmd", "'+plus", "'-minus", "'@at"] and rows[0][9] == "apple"
+    cells = [cell for row in rows for cell in row]
+    assert not [cell for cell in cells if cell[:1] in FORMULA_PREFIXES], "a cell starts a formula"
