@@ -57,7 +57,7 @@ reproduce: setup  ## time-to-accuracy table and plot for configs/*.yaml (bench/o
 
 # Needs no venv: a GPU machine's own python3 (or PYTHON=...) will do; OUT_DIR defaults to bench/out/gpu_check.
 GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(abspath $(BIN)/python),python3)
-gpu-check:  ## every speed figure in < 8 minutes on one GPU, offline (bench/gpu_check.sh)
+gpu-check:  ## every speed figure in < 10 minutes on one GPU, offline (bench/gpu_check.sh)
 	PYTHON="$${PYTHON:-$(GPU_PYTHON)}" bash bench/gpu_check.sh $(OUT_DIR)
 
 tensorboard: setup

@@ -4,7 +4,9 @@ For a recipe (default ``configs/scratch.yaml``), in one Lightning ``fit`` built 
 exactly as the ``cifar-resnet`` command builds it, over windows of training steps after a warm-up:
 
 - **framework cost**: images/s of those steps against the same steps (same module, data path,
-  optimizer, precision) in a bare PyTorch loop; the ratio is Lightning's (and our callbacks') cost;
+  optimizer, precision) in a bare PyTorch loop, and in a bare loop whose steps are each one CUDA
+  graph (``step.TrainStep``, what ``cuda_graph`` captures); the ratios are Lightning's (and our
+  callbacks') cost;
 - **GPU busy**: with ``torch.profiler``, the union of the device's kernel and copy intervals over
   the window, divided by the window from the first to the last of them; 1 - busy is the time the
   GPU waited for the host;
@@ -225,9 +227,8 @@ def lightning_steps(config: Path, overrides: list[str], windows: Windows, device
     return callback.probe.result
 
 
-def bare_steps(config: Path, overrides: list[str], windows: Windows, device: torch.device) -> dict[str, Any]:
-    """The same steps in a plain loop: the DataModule's batches and transforms, the module's
-    ``training_step``, its optimizer, the recipe's autocast; no Lightning loop, hooks or logging."""
+def bare_model(config: Path, overrides: list[str], device: torch.device) -> tuple[Any, CIFAR100DataModule, torch.optim.Optimizer, str, Any]:
+    """The recipe's module, DataModule, optimizer and autocast dtype, set up for a plain loop (no Trainer run)."""
     from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
     cli = build(config, overrides, [])
@@ -248,20 +249,57 @@ def bare_steps(config: Path, overrides: list[str], windows: Windows, device: tor
         note = f"the recipe's optimizer on all parameters in one group (configure_optimizers: {type(err).__name__}: {err})"
     precision = str(trainer.precision)
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else None
+    return model, dm, optimizer, note, dtype
+
+
+def bare_steps(config: Path, overrides: list[str], windows: Windows, device: torch.device) -> dict[str, Any]:
+    """The same steps in a plain loop: the DataModule's batches and transforms, the module's forward and
+    training loss, its optimizer, the recipe's autocast; no Lightning loop, hooks or logging."""
+    model, dm, optimizer, note, dtype = bare_model(config, overrides, device)
     probe = Probe(windows, device, dm.hparams.batch_size)
     for step, (images, labels) in enumerate(_batches(dm)):
         if step == windows.total:
             break
         probe.before(step)
-        batch = dm.on_after_batch_transfer((images.to(device, non_blocking=True), labels.to(device, non_blocking=True)), 0)
+        images, labels = dm.on_after_batch_transfer((images.to(device, non_blocking=True), labels.to(device, non_blocking=True)), 0)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model.training_step(batch, step)
-        loss = loss["loss"] if isinstance(loss, dict) else loss
+            loss = model.training_loss(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         probe.after(step)
     return {**probe.result, "optimizer": note}
+
+
+def bare_graphed_steps(config: Path, overrides: list[str], windows: Windows, device: torch.device) -> dict[str, Any]:
+    """The same steps as one CUDA graph each in a plain loop (``step.TrainStep``, as the module's own step
+    captures them, less Lightning): the bound for Lightning's graphed step. Without CUDA, uncaptured."""
+    from cifar_resnet.step import TrainStep, prepare_for_capture
+
+    model, dm, optimizer, note, dtype = bare_model(config, overrides, device)
+    capture = device.type == "cuda"
+    if capture:
+        prepare_for_capture(optimizer, device)
+    dm.transform.to(device)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        images = dm.transform(images, train=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
+            loss = model.training_loss(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    graphed = TrainStep(step, capture=capture)
+    probe = Probe(windows, device, dm.hparams.batch_size)
+    for index, (images, labels) in enumerate(_batches(dm)):
+        if index == windows.total:
+            break
+        probe.before(index)
+        graphed(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        probe.after(index)
+    return {**probe.result, "optimizer": note, "captured": graphed.captured}
 
 
 def first_optimizer(configured: Any) -> torch.optim.Optimizer:
@@ -310,14 +348,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "windows": vars(windows)}  # fmt: skip
         print(f"[probes] {args.config.name} on {device}: Lightning fit, {windows.total} steps ...", flush=True)
         report["lightning"] = lightning_steps(args.config, overrides, windows, device)
-        print(f"[probes] {args.config.name} on {device}: bare PyTorch loop, {windows.total} steps ...", flush=True)
-        try:
-            report["bare"] = bare_steps(args.config, overrides, windows, device)
-        except Exception as err:  # the comparison is lost, the other figures are not
-            report["bare"] = {"error": f"{type(err).__name__}: {err}"}
-    lit, bare = report["lightning"], report["bare"]
-    if "images_per_s" in bare:
-        report["lightning_over_bare"] = lit["images_per_s"] / bare["images_per_s"]
+        for name, loop in (("bare", bare_steps), ("bare_graphed", bare_graphed_steps)):
+            print(f"[probes] {args.config.name} on {device}: {name} loop, {windows.total} steps ...", flush=True)
+            try:
+                report[name] = loop(args.config, overrides, windows, device)
+            except Exception as err:  # the comparison is lost, the other figures are not
+                report[name] = {"error": f"{type(err).__name__}: {err}"}
+    lit = report["lightning"]
+    for name in ("bare", "bare_graphed"):
+        if "images_per_s" in report[name]:
+            report[f"lightning_over_{name}"] = lit["images_per_s"] / report[name]["images_per_s"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
@@ -327,17 +367,18 @@ def main(argv: list[str] | None = None) -> int:
 def format_report(report: dict[str, Any]) -> str:
     """A few plain lines for the log."""
     lines = [f"[probes] {Path(report['config']).name} {' '.join(report['overrides'])}"]
-    for name in ("lightning", "bare"):
-        r = report[name]
+    for name in ("lightning", "bare", "bare_graphed"):
+        r = report.get(name, {"error": "not run"})
         if "error" in r:
-            lines.append(f"  {name:<10} error: {r['error']}")
+            lines.append(f"  {name:<12} error: {r['error']}")
             continue
         gpu = r.get("gpu", {})
         busy = gpu.get("busy_fraction")
-        lines.append(f"  {name:<10} {r.get('images_per_s', 0):>10.0f} img/s {r.get('ms_per_step', 0):>7.2f} ms/step   GPU busy "
+        lines.append(f"  {name:<12} {r.get('images_per_s', 0):>10.0f} img/s {r.get('ms_per_step', 0):>7.2f} ms/step   GPU busy "
                      f"{'n/a' if busy is None else f'{100 * busy:.1f} %'}   {gpu.get('device_events_per_step', 0):.0f} device ops/step")  # fmt: skip
-    if "lightning_over_bare" in report:
-        lines.append(f"  Lightning fit / bare loop images/s: {report['lightning_over_bare']:.3f}")
+    for name in ("bare", "bare_graphed"):
+        if f"lightning_over_{name}" in report:
+            lines.append(f"  Lightning fit / {name} loop images/s: {report[f'lightning_over_{name}']:.3f}")
     waits = report["lightning"].get("host_waits", {})
     if waits.get("checked"):
         lines.append(f"  host waits in {waits['steps']} Lightning steps: {waits['waits']} ({waits['waits_per_step']:.2f}/step)")

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from lightning.pytorch import LightningModule
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifar_resnet import FineTunedResNet18, ScratchResNet
 from cifar_resnet.averaging import EMAWeights
+from cifar_resnet.checkpointing import SCHEMA_KEY
 from cifar_resnet.schedules import WarmupDecayLR
 from cifar_resnet.step import TrainStep, execution_settings, portable_optimizer_state, prepare_for_capture
 from conftest import CONFIGS, env_with_tests, read_scalars, run_cli, without_figures
@@ -70,7 +72,8 @@ def test_own_step_gives_the_weights_of_lightnings_step(recipe: str, extra: list[
         assert own_series.keys() == lightning_series.keys(), tag
         assert list(own_series.values()) == pytest.approx(list(lightning_series.values()), rel=1e-5), tag
     if recipe == "fast.yaml":
-        assert len({lr for _, lr in scalars["true"]["train/lr/decay"]}) == 6, "a new learning rate every step"
+        # Warm-up to the peak in step 0 (round(0.1 * 6) = 1 step), then a new, lower rate every step.
+        assert len({lr for _, lr in scalars["true"]["train/lr/decay"]}) == 5, "a new learning rate every step"
     assert own["global_step"] == lightning["global_step"] == 6
     keys = ["state_dict", *(["current_model_state", "averaging_state"] if "averaging_state" in lightning else [])]
     for key in keys:
@@ -138,6 +141,7 @@ def test_a_training_step_never_waits_for_the_device(
         "--trainer.precision", precision,
         "--data.batch_size", "10", "--data.output_size", "32", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "9", "--trainer.enable_progress_bar", "true",
+        "--trainer.log_every_n_steps", "50",  # logging steps read the values they log
         "--model.init_args.cuda_graph", cuda_graph,
         "--trainer.callbacks+=faults.CountDeviceWork", "--trainer.callbacks.out", str(out),
         "--trainer.callbacks.first", "2", "--trainer.callbacks.last", "8",
@@ -158,8 +162,8 @@ def test_a_training_step_never_waits_for_the_device(
 # ---- the EMA ------------------------------------------------------------------------------------
 
 
-class Holder(nn.Module):
-    """A stand-in for a LightningModule: one layer with a parameter, a float buffer and an integer buffer."""
+class Holder(LightningModule):
+    """A module with one layer: parameters, a float buffer and an integer buffer."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -189,6 +193,18 @@ def test_ema_update_is_the_ema_formula(warmup: bool) -> None:
             assert torch.allclose(a, e, rtol=1e-6, atol=1e-7), (t, a, e)
         assert int(averaged.num_batches_tracked) == t * 7, "integer buffers are copied"
         assert int(ema._average_model.n_averaged) == t + 1
+
+
+def test_a_new_fit_averages_into_its_new_average() -> None:
+    """Each fit's setup makes a new average; updates must go into it, not into the last fit's tensors."""
+    model, ema = Holder(), EMAWeights(decay=0.5)
+    for _ in range(2):
+        ema.setup(None, model, "fit")
+        average = ema._average_model
+        with torch.no_grad():
+            model.layer.weight.add_(1.0)
+        ema.update(model)
+        assert torch.equal(average.module.layer.weight, model.layer.weight), "the first update copies the weights"
 
 
 def test_ema_settings_are_checked() -> None:
@@ -226,6 +242,21 @@ def test_schedule_fills_the_learning_rate_tensor_the_step_reads() -> None:
     # The checkpoint of a captured run holds the LR as a number and the optimizer as configured.
     state = portable_optimizer_state(optimizer.state_dict(), configured)
     assert isinstance(state["param_groups"][0]["lr"], float) and not state["param_groups"][0]["fused"]
+
+
+def test_a_captured_runs_checkpoint_holds_the_optimizer_as_configured() -> None:
+    """A captured step runs Adam ``capturable`` with tensor learning rates; its checkpoints must not, or they
+    would not load on a CPU (or into an eager run)."""
+    model = ScratchResNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model._configured_settings, model._capture = execution_settings(optimizer), True
+    for group in optimizer.param_groups:  # what prepare_for_capture does on a GPU
+        group["lr"], group["capturable"] = torch.tensor(1e-3), True
+    checkpoint = {"optimizer_states": [optimizer.state_dict()]}
+    model.on_save_checkpoint(checkpoint)
+    (group,) = checkpoint["optimizer_states"][0]["param_groups"]
+    assert group["lr"] == pytest.approx(1e-3) and isinstance(group["lr"], float) and group["capturable"] is False
+    assert SCHEMA_KEY in checkpoint, "the schema stamp is still written"
 
 
 def test_a_restored_checkpoint_drops_the_captured_graph(tmp_path: Path) -> None:

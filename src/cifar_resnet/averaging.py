@@ -61,6 +61,11 @@ class EMAWeights(WeightAveraging):
         self.decay_warmup = decay_warmup
         self._pairs: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Lightning's: a new average when a fit starts (then the tensors to update are looked up anew)."""
+        super().setup(trainer, pl_module, stage)
+        self._pairs = None
+
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Whether to update after optimizer step ``step_idx`` or at the end of epoch ``epoch_idx``
         (the rule of Lightning's ``EMAWeightAveraging``)."""

@@ -358,12 +358,6 @@ class ImageClassifier(LightningModule, ABC):
         if not self.automatic_optimization:
             self._step_schedulers("epoch")
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Write the optimizer state as the configured optimizer would, whatever a captured step changed."""
-        settings = getattr(self, "_configured_settings", None)
-        if self._capture and settings is not None:
-            checkpoint["optimizer_states"] = [portable_optimizer_state(s, settings) for s in checkpoint.get("optimizer_states", [])]
-
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Validation loss and accuracy; the logits go on to callbacks (confusion matrix)."""
         return self._evaluate(batch, "val")
@@ -386,8 +380,12 @@ class ImageClassifier(LightningModule, ABC):
             self._train_step.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Stamp the checkpoint with its layout's version."""
+        """Stamp the checkpoint with its layout's version; write the optimizer state as the configured optimizer
+        would, whatever a captured step changed (learning rates as numbers, ``capturable``/``fused`` as set)."""
         stamp_schema(checkpoint)
+        settings = getattr(self, "_configured_settings", None)
+        if self._capture and settings is not None:
+            checkpoint["optimizer_states"] = [portable_optimizer_state(s, settings) for s in checkpoint.get("optimizer_states", [])]
 
     @property
     def lr(self) -> float | None:
