@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from cifar_resnet.callbacks import ClassFigures
-from cifar_resnet.checkpointing import AtomicCheckpointIO, atomic_write
+from cifar_resnet.checkpointing import AtomicCheckpointIO, atomic_write, wait_for_checkpoints
 from cifar_resnet.drawing import deliver, render
 
 
@@ -92,6 +92,8 @@ class PauseAtStep(Callback):
         if self._paused or not os.path.exists(self.fifo) or self.step not in (None, trainer.global_step):
             return
         self._paused = True
+        # Checkpoints are written in the background: the test acts once those asked for so far are on disk.
+        wait_for_checkpoints(trainer)
         # A signal that comes before the wait starts must not be missed: Python writes the number of every signal
         # it handles into the wake-up pipe, which keeps it until it is read.
         wake_read, wake_write = os.pipe()
@@ -251,8 +253,9 @@ class HoldCheckpointWrites(Callback):
     Saves to ``<folder>/snapshot.pt`` the weights and optimizer state at the end of epoch ``epoch`` (just before
     its checkpoints are asked for). Then, with ``stall`` false, holds their writes until training has taken two
     steps of the next epoch, writes them, copies each file into ``folder`` and notes in ``written.json`` the step
-    training had reached; with ``stall`` true, writes part of the first one, writes ``<folder>/stalled`` and
-    blocks forever, for a test to kill the process in the middle of a background write.
+    training had reached; with ``stall`` true, writes part of the first one, writes a line into the FIFO
+    ``<folder>/stalled`` (:func:`pause_point` of ``folder``, for :func:`wait_until_paused`) and blocks forever,
+    for a test to kill the process in the middle of a background write.
     """
 
     def __init__(self, folder: str, epoch: int = 0, stall: bool = False) -> None:
@@ -281,9 +284,9 @@ class HoldCheckpointWrites(Callback):
     def _write_part_then_stall(self, f: Any) -> None:
         f.write(b"PK\x03\x04 the first bytes of a checkpoint")
         f.flush()
-        (self.folder / "stalled").write_text("")
-        while True:
-            time.sleep(1)
+        with open(self.folder / "stalled", "w") as fifo:  # a FIFO (pause_point): blocks until the test listens
+            fifo.write("stalled writing a checkpoint\n")
+        threading.Event().wait()  # forever
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch == self.epoch and not trainer.sanity_checking:

@@ -213,12 +213,11 @@ def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_and_resu
     run_dir = save_dir / "scratch" / "version_0"
     stall = ["--trainer.callbacks+=faults.HoldCheckpointWrites", "--trainer.callbacks.folder", str(held),
              "--trainer.callbacks.epoch", "1", "--trainer.callbacks.stall", "true"]  # fmt: skip
+    held.mkdir()
+    stalled = pause_point(held).rename(held / "stalled")
     proc = CliProcess(fit_args(cifar_dir, save_dir, *stall), tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 240
-        while not (held / "stalled").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert (held / "stalled").exists(), f"the write never started (exit code {proc.poll()})"
+        assert wait_until_paused(stalled, proc, timeout=240) == "stalled writing a checkpoint"
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:
