@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
-import shutil
 import signal
 from functools import partial
 from pathlib import Path
@@ -21,7 +19,6 @@ from torch import nn
 from cifar_resnet import CIFAR100DataModule, ScratchResNet
 from cifar_resnet.averaging import EMAWeights
 from cifar_resnet.classifier import parameter_groups
-from cifar_resnet.data.datamodule import DeviceShuffle, EpochShuffle
 from cifar_resnet.data.order import epoch_order
 from cifar_resnet.data.synthetic import write_synthetic_archive
 from cifar_resnet.data.transforms import random_crops

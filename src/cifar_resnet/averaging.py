@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from cifar_resnet.compat import WeightAveragingState, copy_all, scale_and_add
 from cifar_resnet.errors import UserError
 
 
-class EMAWeights(WeightAveraging):
+class EMAWeights(WeightAveragingState):
     """An exponential moving average of the weights (Lightning's ``EMAWeightAveraging``), with an update that never makes the host wait for the device.
 
     torch's ``AveragedModel.update_parameters`` reads its update count on the host twice a step (to
@@ -81,37 +81,35 @@ class EMAWeights(WeightAveraging):
 
     def update(self, pl_module: LightningModule) -> None:
         """Update the average with the module's current weights: device work only, no host read."""
-        average = self._average_model
+        average = self.average_model
         if average is None:
             return
         if self._pairs is None:
-            self._pairs = _pairs(average.module, pl_module, self._use_buffers)
+            self._pairs = _pairs(average.module, pl_module, self.averages_buffers)
         ema_float, model_float, ema_other, model_other = self._pairs
         with torch.no_grad():
             n = average.n_averaged
             decay = (1 + n).div(10 + n).clamp_(max=self.decay) if self.decay_warmup else torch.full_like(n, self.decay, dtype=torch.float32)
             decay = torch.where(n == 0, 0.0, decay)  # the first update copies the weights
             if ema_float:
-                # decay * average + (1 - decay) * weights; foreach lerp would read its tensor weight on the host.
-                torch._foreach_mul_(ema_float, decay)
-                torch._foreach_add_(ema_float, torch._foreach_mul(model_float, 1 - decay))
+                scale_and_add(ema_float, model_float, decay)
             if ema_other:
-                torch._foreach_copy_(ema_other, model_other)
+                copy_all(ema_other, model_other)
             n.add_(1)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the average after an optimizer step, unless the module's own step already did."""
         step_idx = trainer.global_step - 1
-        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+        if trainer.global_step > self.latest_update_step and self.should_update(step_idx=step_idx):
             if not getattr(pl_module, "updates_average_in_step", False):
                 self.update(pl_module)
-            self._latest_update_step = trainer.global_step
+            self.latest_update_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Update the average at the end of an epoch if ``update_starting_at_epoch`` asks for it."""
-        if trainer.current_epoch > self._latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
+        if trainer.current_epoch > self.latest_update_epoch and self.should_update(epoch_idx=trainer.current_epoch):
             self.update(pl_module)
-            self._latest_update_epoch = trainer.current_epoch
+            self.latest_update_epoch = trainer.current_epoch
 
 
 def _pairs(average: torch.nn.Module, model: torch.nn.Module, use_buffers: bool) -> tuple[list[Tensor], ...]:

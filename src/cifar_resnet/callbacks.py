@@ -7,7 +7,6 @@ import importlib
 import inspect
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from cifar_resnet.compat import kill_launched_processes, write_tensorboard_summary
 from cifar_resnet.checkpointing import checkpoint_host_seconds
 from cifar_resnet.drawing import BackgroundWorker, FigureSink, TensorBoardFigures, deliver
 from cifar_resnet.errors import UserError
@@ -402,7 +401,7 @@ class HParamsSummary(Callback):
         if trainer.datamodule is not None:
             params.update(trainer.datamodule.hparams_initial)
         _, session_start, session_end = hparams(flat_hparams(without_unset_switches(params)), {})
-        logger.experiment._get_file_writer().add_summary(session_start if start else session_end)
+        write_tensorboard_summary(logger, session_start if start else session_end)
         logger.experiment.flush()
 
 
@@ -511,11 +510,7 @@ class StopChildProcessesOnError(Callback):
     """
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        # Lightning 2.6 has no public way to reach the processes its launcher started: it kills them
-        # itself only on Ctrl-C and SIGTERM. `_SubprocessScriptLauncher.kill` is the one private API here.
-        launcher = trainer.strategy.launcher
-        if isinstance(launcher, _SubprocessScriptLauncher):
-            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+        kill_launched_processes(trainer)
 
 
 class RunFolderLock(Callback):

@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.types import _PATH
 from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -253,7 +252,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Remote paths (``s3://`` and the like) keep Lightning's behaviour.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically."""
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
@@ -262,7 +261,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
     def load_checkpoint(
-        self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+        self, path: str | Path, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Load ``path``; ``weights_only`` unless the caller explicitly says ``False``."""
         if "://" in str(path):
@@ -298,7 +297,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             self._raised = True
             raise self._error
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         """Copy ``checkpoint``'s tensors now; write them to ``path`` in the background."""
         start = time.perf_counter()
         self._raise_failure()
@@ -308,7 +307,7 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self._in_background(lambda: inner.save_checkpoint(copy, path, storage_options))
         self.host_s += time.perf_counter() - start
 
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: str | Path) -> None:
         """Delete ``path`` once the writes asked for before are done, unless one of them failed."""
         inner = self.checkpoint_io
         assert inner is not None

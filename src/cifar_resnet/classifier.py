@@ -17,6 +17,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_resnet.averaging import EMAWeights
+from cifar_resnet.compat import attached_trainer, counted_optimizer_step
 from cifar_resnet.checkpointing import check_checkpoint_fits, stamp_schema
 from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
@@ -31,7 +32,6 @@ from cifar_resnet.step import (
     prepare_for_capture,
 )
 
-STAGES = ("train", "val", "test")
 CONFUSION = "confusion_matrix"
 
 
@@ -178,21 +178,6 @@ class ImageClassifier(LightningModule, ABC):
         self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage != "test")
         return {"loss": loss, "logits": logits.detach()}
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
-        """Loss and metrics of one batch, logged under ``stage/``; returns the loss and the logits."""
-        images, labels = batch
-        logits = self(images)
-        training = stage == "train"
-        loss = (self.train_criterion if training else self.criterion)(logits, labels)
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits, labels)
-        scalars = {name: m for name, m in metrics.items(keep_base=False, copy_state=False) if not name.endswith(CONFUSION)}
-        # The training loss reaches the progress bar through SpeedMonitor, every so often: showing it
-        # every step would make the host wait for the device every step.
-        self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=not training, sync_dist=not training, batch_size=len(labels))
-        self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage != "test")
-        return {"loss": loss, "logits": logits.detach()}
-
     def confusion_matrix(self, stage: str) -> Tensor:
         """``stage``'s (``val`` or ``test``) confusion matrix so far, rows the true class, summed over all
         processes (every process must ask)."""
@@ -323,13 +308,9 @@ class ImageClassifier(LightningModule, ABC):
 
     def _run_own_step(self, images: Tensor, labels: Tensor) -> Tensor:
         """Run this module's step, then count it as Lightning's optimizer step and step per-step schedules."""
-        optimizer = self.optimizers()
-        # Lightning counts optimizer steps (trainer.global_step) in these two calls of LightningOptimizer.step,
-        # which a graph replay does not go through.
-        optimizer._on_before_step()
-        loss = self._train_step(images, labels)
+        with counted_optimizer_step(self.optimizers()):  # a graph replay does not go through optimizer.step
+            loss = self._train_step(images, labels)
         self._train_seen += len(labels)
-        optimizer._on_after_step()
         self._step_schedulers("step")
         return loss
 
@@ -375,7 +356,7 @@ class ImageClassifier(LightningModule, ABC):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model, version or settings with a short message."""
-        check_checkpoint_fits(self, checkpoint, getattr(self._trainer, "ckpt_path", None))
+        check_checkpoint_fits(self, checkpoint, getattr(attached_trainer(self), "ckpt_path", None))
         if self._train_step is not None:  # a captured graph may read tensors that the restore replaces
             self._train_step.reset()
 
@@ -464,12 +445,11 @@ class ScratchResNet(ImageClassifier):
         """
         if not 0 <= dropout < 1:
             raise UserError(f"dropout must lie in [0, 1), got {dropout}.")
-        self.dropout = dropout
         super().__init__(optimizer=optimizer, **kwargs)
 
     def configure_network(self) -> nn.Module:
         """The seed ResNet."""
-        return SeedResNet(self.hparams.num_classes, self.dropout)
+        return SeedResNet(self.hparams.num_classes, self.hparams.dropout)
 
 
 class FineTunedResNet18(ImageClassifier):

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
+from cifar_resnet.compat import CLIInternals
 from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import (
     LAST,
@@ -228,9 +229,14 @@ OPTION_HELP = {
 }
 
 
-class CifarCLI(LightningCLI):
+class CifarCLI(CLIInternals):
     """LightningCLI that resumes a run in its own folder, reports bad input as one short error, ends
     Ctrl-C and SIGTERM with the command that resumes, and whose ``test`` prints only the TestReport."""
+
+    subcommand_help = SUBCOMMANDS
+    option_help = OPTION_HELP
+    # The report replaces Lightning's table of results.
+    subcommand_defaults = {"test": {"verbose": False}, "validate": {"verbose": False}}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -293,15 +299,6 @@ class CifarCLI(LightningCLI):
             _check_values(config)
             _optimizer_flags_to_model(config)
             self._resolve_run(subcommand, config)
-
-    def _parse_ckpt_path(self) -> None:
-        """Leave the config as given.
-
-        Lightning 2.6's LightningCLI loads the ``--ckpt_path`` checkpoint here (always with
-        ``weights_only=True``, whatever ``--weights_only`` says) and silently replaces the config's model
-        settings by the checkpoint's. This program keeps the config and checks the checkpoint against
-        it in one place, when the Trainer loads it (:func:`checkpointing.check_checkpoint_fits`).
-        """
 
     def _resolve_run(self, subcommand: str, config: Namespace) -> None:
         """Turn ``last`` into the run's newest checkpoint and continue that run's folder; any other
@@ -399,24 +396,6 @@ class CifarCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """``--prediction.*``: where ``predict`` writes its CSV (a callback that every subcommand has)."""
         parser.add_lightning_class_args(PredictionWriter, "prediction")
-
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's subcommands, listed in ``--help`` with what they do in this program."""
-        super()._add_subcommands(parser, **kwargs)
-        for choice in parser._subcommands_action._choices_actions:
-            choice.help = SUBCOMMANDS.get(choice.dest, choice.help)
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        """The subcommand's parser: this program's help texts, and ``--verbose false`` for ``test`` and
-        ``validate`` (the report replaces Lightning's table)."""
-        # Lightning 2.6 has no public hook that knows which subcommand a parser is for.
-        kwargs["description"] = SUBCOMMANDS[subcommand] + RECIPES
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand in ("test", "validate"):
-            parser.set_defaults(verbose=False)
-        for action in parser._actions:
-            action.help = OPTION_HELP.get(action.dest, action.help)
-        return parser
 
 
 def _optimizer_flags_to_model(config: Namespace) -> None:
@@ -555,7 +534,11 @@ def run(args: ArgsType = None) -> LightningCLI:
         trainer_defaults={
             "callbacks": [LastCheckpoint(), RandomStates(), RunFolderLock(), StopChildProcessesOnError()],
         },
-        parser_kwargs={"description": DESCRIPTION, "version": __version__},
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "version": __version__,
+            **{name: {"description": text + RECIPES} for name, text in SUBCOMMANDS.items()},
+        },
         args=args,
     )
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from cifar_resnet.compat import inductor_default_cache_dir
+
 DEFAULT_FOLDER = "~/.cache/cifar-resnet/compile"
 
 
@@ -43,8 +45,6 @@ def use_cache_folder(folder: str | Path) -> Path:
     Inductor reads the variable whenever it compiles, so this must run before the first compile. Importing
     torch may already have set it to torch's default, which counts as not set.
     """
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", default_cache_dir()):
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, "", inductor_default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder).expanduser())
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # Inductor creates it when it first writes

@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from cifar_resnet.compat import set_last_lrs
 from cifar_resnet.errors import UserError
 
 
@@ -56,8 +57,9 @@ class WarmupDecayLR(LRScheduler):
         if total_steps < 1:
             raise UserError(f"WarmupDecayLR needs at least one training step, got {total_steps}.")
         self.total_steps = int(total_steps)
-        self._last_lr = self.get_lr()
-        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+        lrs = self.get_lr()
+        set_last_lrs(self, lrs)
+        for group, lr in zip(self.optimizer.param_groups, lrs):
             if isinstance(group["lr"], Tensor):  # a captured step reads it: change it in place
                 group["lr"].fill_(lr)
             else:

@@ -3,13 +3,13 @@ what the run records."""
 
 from __future__ import annotations
 
-import copy
 import importlib
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BatchSizeFinder, LearningRateFinder
 from lightning.pytorch.utilities import rank_zero_info
+from cifar_resnet.compat import record_hyperparameters
 
 TUNERS = (LearningRateFinder, BatchSizeFinder)
 
@@ -44,6 +44,6 @@ class FollowTuners(Callback):
         # set `hparams` (the module's `lr` setter, Lightning's setattr for the batch size).
         holders = [pl_module, trainer.datamodule] if trainer.datamodule is not None else [pl_module]
         for holder in holders:
-            holder._hparams_initial = copy.deepcopy(holder.hparams)
+            record_hyperparameters(holder)
         batch_size = trainer.datamodule.hparams.get("batch_size") if trainer.datamodule is not None else None
         rank_zero_info(f"Training with lr={getattr(pl_module, 'lr', None)} and batch_size={batch_size}, the tuned values; the run records them.")

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_resnet.compat import PythonPickler
 from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME, NUM_CLASSES, NUM_SUPERCLASSES
 
 
-class Py2Pickler(pickle._Pickler):
+class Py2Pickler(PythonPickler):
     """Protocol-2 pickler that writes ``bytes`` as Python 2 ``str`` and numpy globals as numpy 1.x did."""
 
-    dispatch = pickle._Pickler.dispatch.copy()
+    dispatch = PythonPickler.dispatch.copy()
 
     def save_py2_str(self, obj: bytes) -> None:
         n = len(obj)
