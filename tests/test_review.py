@@ -346,6 +346,7 @@ def test_predict_refuses_an_image_too_large_to_decode(reviewed: ReviewedRun, tmp
 
 
 def test_the_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    from cifar_resnet.errors import UserError
     from cifar_resnet.predict import write_csv_atomically
 
     path = tmp_path / "p.csv"
@@ -356,7 +357,8 @@ def test_the_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
         yield ["file", "class_1"]
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    # A full disk is the one-paragraph error that names the file and keeps the earlier one (as for checkpoints).
+    with pytest.raises(UserError, match=r"Cannot write '.*p\.csv': the disk is full"):
         write_csv_atomically(path, rows_that_fail())
     assert path.read_bytes() == b"file,class_1\r\na.png,-1\r\n" and [p.name for p in tmp_path.iterdir()] == ["p.csv"]
 

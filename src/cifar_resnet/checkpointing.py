@@ -10,7 +10,7 @@ import pickle
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
 
@@ -172,6 +172,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     new one, never a torn one; a stale ``.tmp`` file is all an interrupted save can leave behind.
     """
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` as :func:`atomic_write` does: never a torn file, clear errors."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
@@ -368,9 +373,12 @@ def find_last_checkpoint(experiment_dir: str | Path) -> Path | None:
     epoch's best checkpoint), the best checkpoint is newer and holds the same training state. Writes are
     atomic, so every ``*.ckpt`` is complete.
     """
-    candidates = list(Path(experiment_dir).glob("*/checkpoints/*.ckpt"))
-    # On equal times last.ckpt wins (both hold the same step).
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST)) if candidates else None
+    return newest_checkpoint(Path(experiment_dir).glob("*/checkpoints/*.ckpt"))
+
+
+def newest_checkpoint(candidates: Iterable[Path]) -> Path | None:
+    """The most recently written of ``candidates``; on equal times ``last.ckpt`` (both hold the same step)."""
+    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST), default=None)
 
 
 class LastCheckpoint(ModelCheckpoint):

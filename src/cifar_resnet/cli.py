@@ -25,19 +25,19 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
-from cifar_resnet.compat import CLIInternals
 from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import (
-    LAST,
     WRITE_ERRORS,
     LastCheckpoint,
     RandomStates,
     atomic_write,
     find_last_checkpoint,
+    newest_checkpoint,
     wait_for_checkpoints,
     write_error_message,
 )
 from cifar_resnet.classifier import ImageClassifier
+from cifar_resnet.compat import CLIInternals
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
@@ -276,8 +276,7 @@ class CifarCLI(CLIInternals):
         if trainer is None:
             return Interrupted(signum, subcommand, None, None)
         folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath}
-        found = [p for folder in folders for p in folder.glob("*.ckpt")]
-        newest = max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST)) if found else None
+        newest = newest_checkpoint(p for folder in folders for p in folder.glob("*.ckpt"))
         return Interrupted(signum, subcommand, trainer.current_epoch, newest, quiet=not trainer.is_global_zero)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.checkpointing import read_checkpoint, setting_defaults
+from cifar_resnet.checkpointing import atomic_write_text, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError
@@ -115,7 +115,7 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
         program.save(str(path))
     else:
         torch.export.save(torch.export.export(net, (example,), dynamic_shapes=(batch,)), str(path))
-    Path(f"{path}.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(f"{path}.json", json.dumps(info, indent=2) + "\n")
     return path
 
 

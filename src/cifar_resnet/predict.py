@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from cifar_resnet.checkpointing import atomic_write
 from cifar_resnet.data.images import printable
 from cifar_resnet.errors import UserError
 
@@ -27,23 +27,14 @@ def spreadsheet_safe(cell: str) -> str:
 def write_csv_atomically(path: Path, rows: Sequence[Sequence[str]]) -> None:
     """Write ``rows`` to a temporary file beside ``path``, then rename it over ``path``: an error never leaves
     a truncated CSV, nor truncates the one already there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as file:
-            csv.writer(file).writerows(rows)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
+    def write(file: BinaryIO) -> None:
+        text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+        csv.writer(text).writerows(rows)
+        text.flush()
+        text.detach()  # the binary file stays open for atomic_write to flush to disk and rename
 
-def _umask() -> int:
-    """The process's umask (read by setting it and putting it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, write)
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -11,6 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from cifar_resnet.callbacks import data_questions
+from cifar_resnet.checkpointing import atomic_write_text
 from cifar_resnet.figures import per_class_accuracy, superclass_accuracy
 
 REPORT_NAMES = {"test": "test_report.json", "val": "val_report.json"}
@@ -58,8 +59,7 @@ class TestReport(Callback):
             return
         report = build_report(trainer, confusion, stage)
         path = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_NAMES[stage]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
         self._printout = format_report(report, self.num_classes_shown) + f"\nSaved to {path}"
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
