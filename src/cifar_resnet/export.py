@@ -16,11 +16,10 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.checkpointing import atomic_write_text, read_checkpoint, setting_defaults
+from cifar_resnet.checkpointing import atomic_write_text, network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError
-from cifar_resnet.models import SeedResNet, resnet18_for_cifar
 
 DATAMODULE_KEY = "CIFAR100DataModule"
 MODELS = {"ScratchResNet": ScratchResNet, "FineTunedResNet18": FineTunedResNet18}
@@ -32,10 +31,10 @@ def network_of(checkpoint: dict[str, Any]) -> nn.Module:
     kind = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
     if kind not in MODELS:
         raise UserError(f"The checkpoint holds a {kind or 'model of unknown kind'}; export knows {' and '.join(MODELS)}.")
-    # A setting the checkpoint predates was trained as its default says (checkpointing.check_checkpoint_fits).
-    settings = {**setting_defaults(MODELS[kind]), **hparams}
-    num_classes = int(settings["num_classes"])
-    net: nn.Module = SeedResNet(num_classes, float(settings["dropout"])) if kind == "ScratchResNet" else resnet18_for_cifar(num_classes)
+    # The model builds its own network from the settings that say what it is; a setting the checkpoint
+    # predates was trained as its default says (checkpointing.check_checkpoint_fits).
+    model_class = MODELS[kind]
+    net = model_class(**{name: hparams[name] for name in network_settings(model_class) if name in hparams}).net
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()
 
