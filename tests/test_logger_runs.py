@@ -75,15 +75,15 @@ def wandb_history(run_file: Path) -> tuple[set[str], dict[int, float]]:
     return ids, top1
 
 
-def mlflow_history(store: Path) -> tuple[list[str], dict[int, float], str]:
-    """The ids of every run in the local file store ``store``, and the one run's ``val/top1`` by step and status."""
+def mlflow_history(store: Path) -> tuple[list[str], dict[int, float], dict[str, str]]:
+    """The ids of every run in the local file store ``store``, and the first run's ``val/top1`` by step and parameters."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"file:{store}")
     runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
     ids = [run.info.run_id for run in runs]
     history = {m.step: m.value for m in client.get_metric_history(ids[0], "val/top1")} if ids else {}
-    return ids, history, runs[0].info.status if runs else ""
+    return ids, history, runs[0].data.params if runs else {}
 
 
 @pytest.mark.slow
@@ -114,7 +114,10 @@ def test_stopped_run_resumes_into_the_same_logger_run(
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
     recorded = json.loads((run_dir / RUN_RECORD).read_text())[0]["id"]
 
-    run_cli(*fit_args(cifar_dir, tmp_path, logger, "--trainer.max_epochs", "2", "--ckpt_path", "last"), cwd=tmp_path, env=env)
+    # MLflow refuses to change a run's parameter: the resume with another batch size keeps the first one there.
+    other_batch = ["--data.batch_size", "25"] if logger == "mlflow" else []
+    resume = fit_args(cifar_dir, tmp_path, logger, "--trainer.max_epochs", "2", *other_batch, "--ckpt_path", "last")
+    proc = run_cli(*resume, cwd=tmp_path, env=env)
 
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1, "resumed in the run folder"
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"], "no second run folder"
@@ -125,10 +128,10 @@ def test_stopped_run_resumes_into_the_same_logger_run(
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("wandb-")) == ["runs", "store"]
     # Validation logs at the last step of each epoch: steps 1 (before the kill) and 3 (after the resume).
     if logger == "mlflow":
-        ids, top1, status = mlflow_history(store)
+        ids, top1, params = mlflow_history(store)
         assert ids == [recorded], "one MLflow run, the one the run folder names"
         assert sorted(top1) == [1, 3], "epoch 0's val/top1 is kept and epoch 1's appended"
-        assert status == "FINISHED"
+        assert params["batch_size"] == "50" and "MLflow keeps a run's parameters: batch_size keeps" in proc.stdout + proc.stderr
     else:
         folders = sorted((store / "wandb").glob("offline-run-*"))
         assert [f.name.rsplit("-", 1)[1] for f in folders] == [recorded] * 2, "one W&B run id (the run folder's), twice"

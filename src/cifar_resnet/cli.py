@@ -44,6 +44,7 @@ from cifar_resnet.loggers import (
     RUN_RECORD,
     LoggerRunRecord,
     RunFolderTrainer,
+    keep_logged_params,
     logger_configs,
     owns_its_folder,
     resume_logger_runs,
@@ -382,6 +383,8 @@ class CifarCLI(LightningCLI):
             _without_logger_callbacks(trainer)
         elif getattr(self, "_run_dir", None) is not None:
             _into_program_run_folder(trainer, self._run_dir)
+            if not self._new_run_folder:
+                keep_logged_params(trainer)
         if not getattr(self, "_new_run_folder", True):
             _keep_csv_rows(trainer)
         return trainer

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cifar_resnet.checkpointing import atomic_write
 
@@ -62,6 +64,33 @@ def resume_logger_runs(logger: Any, run_dir: Path) -> None:
         given = config.init_args.get(argument) or (config.init_args.get("version") if name == "WandbLogger" else None)
         if given is None:
             config.init_args[argument] = entry["id"]
+
+
+def keep_logged_params(trainer: Trainer) -> None:
+    """Let a resumed run's MLflow loggers log only the parameters the MLflow run has not got with another value:
+    MLflow refuses to change a parameter (a resume with another ``--data.batch_size``, say, would fail). Which
+    ones keep their first value there is said in one line; the run's ``config.yaml`` records the new ones."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "MLFlowLogger":
+            logger.log_hyperparams = _unchanged_params_only(logger, logger.log_hyperparams)
+
+
+def _unchanged_params_only(logger: Any, log: Any) -> Any:
+    def log_hyperparams(params: dict[str, Any] | Namespace) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        # Flattened and cut to 250 characters as Lightning's MLFlowLogger.log_hyperparams does.
+        flat = _flatten_dict(_convert_params(params))
+        logged = logger.experiment.get_run(logger.run_id).data.params
+        changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:250])
+        if changed:
+            rank_zero_info(
+                f"MLflow keeps a run's parameters: {', '.join(changed)} keep{'s' if len(changed) == 1 else ''} the "
+                "value of the run's start there (this command's values are in the run's config.yaml)."
+            )
+        log({k: v for k, v in flat.items() if k not in changed})
+
+    return log_hyperparams
 
 
 class LoggerRunRecord(Callback):
