@@ -61,18 +61,20 @@ def wandb_records(path: Path) -> Iterator[object]:
             yield record
 
 
-def wandb_history(run_file: Path) -> tuple[set[str], dict[int, float]]:
-    """The run ids in a W&B run file, and its ``val/top1`` by step."""
-    ids, top1 = set(), {}
+def wandb_history(run_file: Path) -> tuple[set[str], dict[int, float], dict[str, object]]:
+    """The run ids in a W&B run file, its ``val/top1`` by step, and its config."""
+    ids, top1, config = set(), {}, {}
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             ids.add(record.run.run_id)
+        elif kind == "config":
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             if "val/top1" in row:
                 top1[row["trainer/global_step"]] = row["val/top1"]
-    return ids, top1
+    return ids, top1, config
 
 
 def mlflow_history(store: Path) -> tuple[list[str], dict[int, float], dict[str, str]]:
@@ -132,11 +134,17 @@ def test_stopped_run_resumes_into_the_same_logger_run(
         assert ids == [recorded], "one MLflow run, the one the run folder names"
         assert sorted(top1) == [1, 3], "epoch 0's val/top1 is kept and epoch 1's appended"
         assert params["batch_size"] == "50" and "MLflow keeps a run's parameters: batch_size keeps" in proc.stdout + proc.stderr
+        # Beside the settings Lightning logs, what TensorBoard's HPARAMS tab has: recipe, epochs, best score.
+        assert (params["recipe"], params["max_epochs"], params["optimizer/init_args/lr"]) == ("scratch", "2", "0.001")
+        from mlflow import MlflowClient
+
+        assert "val/top1_best" in MlflowClient(f"file:{store}").get_run(ids[0]).data.metrics
     else:
         folders = sorted((store / "wandb").glob("offline-run-*"))
         assert [f.name.rsplit("-", 1)[1] for f in folders] == [recorded] * 2, "one W&B run id (the run folder's), twice"
-        (ids_before, before), (ids_after, after) = (wandb_history(f / f"run-{recorded}.wandb") for f in folders)
+        (ids_before, before, _), (ids_after, after, config) = (wandb_history(f / f"run-{recorded}.wandb") for f in folders)
         assert ids_after == {recorded} and sorted(after) == [3], "the resume logs epoch 1 into the same run"
+        assert (config["recipe"], config["max_epochs"], config["optimizer"]["init_args"]["lr"]) == ("scratch", 2, 0.001)
         if stop == signal.SIGTERM:
             assert ids_before == {recorded} and sorted(before) == [1], "epoch 0's val/top1 is kept"
 

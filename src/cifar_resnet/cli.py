@@ -44,6 +44,7 @@ from cifar_resnet.loggers import (
     RUN_RECORD,
     LoggerRunRecord,
     RunFolderTrainer,
+    RunSettings,
     keep_logged_params,
     logger_configs,
     owns_its_folder,
@@ -499,7 +500,7 @@ def _into_program_run_folder(trainer: Trainer, run_dir: Path) -> None:
         if getattr(callback, "dirpath", None) is None:
             callback.dirpath = os.path.realpath(run_dir / "checkpoints")
     if any(type(logger).__name__ in RUN_IDS for logger in trainer.loggers):
-        trainer.callbacks.append(LoggerRunRecord(run_dir))
+        trainer.callbacks.extend([LoggerRunRecord(run_dir), RunSettings(run_dir.parent.name)])
 
 
 def _keep_csv_rows(trainer: Trainer) -> None:

@@ -119,6 +119,39 @@ class LoggerRunRecord(Callback):
                 atomic_write(path, lambda f: f.write(text.encode()))
 
 
+class RunSettings(Callback):
+    """What TensorBoard's HPARAMS tab has (``callbacks.HParamsSummary``) beyond the model's and the data's
+    settings, which Lightning itself logs to every logger: the recipe and ``max_epochs`` as MLflow parameters
+    and W&B config, and after ``fit`` the best checkpoint's score as ``<monitor>_best`` (``val/top1_best``)."""
+
+    def __init__(self, recipe: str) -> None:
+        self.recipe = recipe
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, {"recipe": self.recipe, "max_epochs": trainer.max_epochs})
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, {"recipe": self.recipe})
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        score = getattr(checkpoint, "best_model_score", None)
+        if trainer.is_global_zero and score is not None and checkpoint.monitor:
+            for logger in _with_settings_store(trainer):
+                logger.log_metrics({f"{checkpoint.monitor}_best": float(score)}, step=trainer.global_step)
+
+    @staticmethod
+    def _log(trainer: Trainer, params: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            for logger in _with_settings_store(trainer):
+                logger.log_hyperparams(params)
+
+
+def _with_settings_store(trainer: Trainer) -> list[Any]:
+    """The trainer's MLflow and W&B loggers."""
+    return [logger for logger in trainer.loggers if type(logger).__name__ in RUN_IDS]
+
+
 class RunFolderTrainer(Trainer):
     """Lightning's Trainer whose ``log_dir`` is the program's run folder when the program owns it (MLflow, W&B,
     no logger): Lightning's would be the tracking store's root, shared by every run."""
