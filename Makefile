@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # local CPU-only torch wheel (as on some build machines) so both come from the index.
 PIP := PIP_FIND_LINKS=$(CURDIR)/$(VENV) $(BIN)/python -m pip
 
-.PHONY: setup train finetune test test-fast docs-check smoke bench reproduce gpu-check tensorboard
+.PHONY: setup train finetune test test-fast test-latest docs-check smoke bench reproduce gpu-check tensorboard
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,19 @@ test-fast: setup  ## the fast tier: unit tests only (its time: bench/RESULTS.md)
 
 docs-check: setup  ## README and docs/: dead links and #anchors, commands that no longer parse (seconds; trains nothing)
 	$(BIN)/pytest -n 0 -q tests/test_docs.py
+
+# The suite against the newest Lightning release (and whatever newer dependencies it asks for), in a second
+# venv that reuses the first one's other packages, so the `lightning<2.7` pin can be lifted the day it passes.
+LATEST := .venv-latest
+test-latest: setup  ## the test suite against the newest Lightning release
+	python3 -m venv $(LATEST)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(LATEST)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-project-venv.pth"
+	PIP_FIND_LINKS= $(LATEST)/bin/python -m pip install --quiet --upgrade lightning
+	PIP_FIND_LINKS= $(LATEST)/bin/python -m pip install --quiet --no-deps -e .
+	ln -sf "$(abspath $(BIN))/tensorboard" $(LATEST)/bin/tensorboard  # the tests start TensorBoard from beside python
+	$(LATEST)/bin/python -c "import lightning, torch; print('lightning', lightning.__version__, 'torch', torch.__version__)"
+	$(LATEST)/bin/python -m pytest
 
 # A tiny CPU run of the whole flow on a generated archive (about a minute): fit, test, predict, with the
 # configs/debug.yaml overlay (CPU, a few small batches, no compile, a CSV log instead of TensorBoard).

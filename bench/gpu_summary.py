@@ -19,6 +19,8 @@ FIT_TARGETS_S = {"scratch": 60, "finetune": 30, "fast": 15}
 FRAMEWORK_TARGET = 0.90  # Lightning fit images/s over the bare loop's
 GRAPHED_TARGET = 0.95  # Lightning's graphed step against a bare loop of the same CUDA graphs (issue 17)
 BUSY_TARGET = 0.95
+AROUND_TARGET = 0.05  # host time on figures and checkpoints, share of the fit's wall time (issue 18)
+STARTUP_TARGET_S = 5  # command to first training step, excluding compile (issue 18)
 
 
 def load(path: Path) -> dict[str, Any] | None:
@@ -64,6 +66,25 @@ def fit_targets(reproduce: dict[str, Any] | None) -> list[dict[str, Any]]:
                      f"validation, figures and checkpoints; {run.get('images_per_s') or 0:,.0f} train images/s")  # fmt: skip
         rows.append({"target": f"{run['recipe']}: fit without warm-up <= {target} s", "value": value,
                      "shown": "—" if value is None else f"{value:.1f} s{note}", "verdict": verdict(value, target, False, " s")})  # fmt: skip
+    return rows
+
+
+def around_step_targets(reproduce: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 18: per recipe, the training thread's time on figures and checkpoints against the fit, and start-up."""
+    rows = []
+    for run in (reproduce or {}).get("runs", []):
+        if run["seed"] != 0 or run["status"] != "ok":
+            continue
+        fit, around = run.get("fit_s"), [run.get("figures_s"), run.get("checkpoint_s")]
+        share = sum(v or 0 for v in around) / fit if fit and any(v is not None for v in around) else None
+        startup = run.get("startup_s")
+        rows += [
+            {"target": f"{run['recipe']}: figures + checkpoints <= {AROUND_TARGET:.0%} of the fit", "value": share,
+             "shown": "—" if share is None else f"{100 * share:.1f} % ({sum(v or 0 for v in around):.1f} s of {fit:.1f} s)",
+             "verdict": verdict(share, AROUND_TARGET, False, " points", 100)},
+            {"target": f"{run['recipe']}: start-up <= {STARTUP_TARGET_S} s (measured with the sanity check's compile)", "value": startup,
+             "shown": "—" if startup is None else f"{startup:.1f} s", "verdict": verdict(startup, STARTUP_TARGET_S, False, " s")},
+        ]  # fmt: skip
     return rows
 
 
@@ -150,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = load(args.work / "benchmark.json")
     probes = {p.stem.removeprefix("probes-"): load(p) for p in sorted(args.work.glob("probes-*.json"))}
     probes.setdefault("scratch", None)  # always reported, measured or not
-    targets = fit_targets(reproduce)
+    targets = fit_targets(reproduce) + around_step_targets(reproduce)
     for name, result in probes.items():
         targets += probe_targets(name, result)
     if args.smoke:
@@ -165,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"{env['device']}, {env['date']}, commit `{env['commit']}`, torch {env['versions']['torch']}, "
                f"Lightning {env['versions']['lightning']}; whole check {args.seconds} s.", ""]  # fmt: skip
     md += ["Sections: " + ", ".join(f"{s['name']} (exit {s['exit']}, {s['seconds']} s)" for s in summary["sections"]), ""]
-    md += ["## Targets (issue 12, for one H100/H200)", "", "| target | measured | verdict |", "|---|---|---|"]
+    md += ["## Targets (issues 12 and 18, for one H100/H200)", "", "| target | measured | verdict |", "|---|---|---|"]
     md += [f"| {t['target']} | {t['shown']} | {t['verdict']} |" for t in targets]
     md += ["", "## Wall time of each recipe (reproduce.py --synthetic --seeds 1)", ""]
     md += [rp.markdown(reproduce) if reproduce else "Not measured.", ""]

@@ -46,9 +46,15 @@ SYNTHETIC_NOTE = "synthetic: not an accuracy"
 FINE_TUNED_MODEL = "cifar_resnet.FineTunedResNet18"
 # Scalars read back from the events of a test run.
 TEST_SCALARS = ("test/top1", "test/top5", "test/loss", "test/top1_tta", "test/top5_tta")
+# Where a fit's wall time went: (column, scalar the program logs, table title); train_s sums train/epoch_time.
+BREAKDOWN = (
+    ("startup_s", "time/startup_s", "start-up s"), ("train_s", None, "training epochs s"),
+    ("validation_s", "time/validation_s", "validation s"), ("figures_s", "time/figures_s", "figures s"),
+    ("checkpoint_s", "time/checkpoint_s", "checkpoints s"),
+)
 STATS = (
     "test_top1", "test_top5", "test_top1_tta", "test_top5_tta", "best_val_top1", "fit_s", "warmup_s",
-    "fit_s_excl_warmup", "images_per_s", "peak_memory_gib",
+    "fit_s_excl_warmup", "images_per_s", "peak_memory_gib", *(column for column, _, _ in BREAKDOWN),
 )  # fmt: skip
 
 
@@ -112,6 +118,8 @@ def fit_figures(scalars: dict[str, list[tuple[int, float]]], thresholds: list[fl
         "peak_memory_gib": memory[-1] if memory else None,
         # Training epochs alone; the rest of the fit is validation, figures, checkpoints.
         "train_s": sum(epoch_times) if epoch_times else None,
+        # What the program logged at the end of the fit (callbacks.WallClock, ClassFigures): host seconds.
+        **{column: scalars[tag][-1][1] if tag in scalars else None for column, tag, _ in BREAKDOWN if tag},
         "time_to_val": {f"{t:g}": next((s for s, top1 in curve if top1 >= t), None) for t in thresholds},
     }
 
@@ -393,6 +401,21 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [recipe, f"{entry['ok']}/{entry['runs']}", *accuracy[:4], _secs(stats.get("fit_s")), _secs(stats.get("warmup_s")),
                  _secs(stats.get("fit_s_excl_warmup")), *accuracy[4:], _num(stats.get("images_per_s")),
                  _num(stats.get("peak_memory_gib"), ".2f"), SEED_RESULTS.get(recipe, "—")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Where each fit's wall time went (seconds): start-up from the start of the process to the first training "
+        "step (it ends inside the fit: the sanity-check validation, with any compiling it does, belongs to both); "
+        "warm-up (inside the training epochs and validation); training epochs; validation; and what figures and "
+        "checkpoints cost the training thread (the drawing and writing run in the background).",
+        "",
+    ]
+    header = ["recipe", "start-up s", "warm-up s", *(title for _, _, title in BREAKDOWN[1:]), "fit s"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for recipe, entry in recipes.items():
+        stats = entry["stats"]
+        cells = [recipe, _secs(stats.get("startup_s")), _secs(stats.get("warmup_s")),
+                 *(_secs(stats.get(column)) for column, _, _ in BREAKDOWN[1:]), _secs(stats.get("fit_s"))]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     problems = [r for r in rows if r["status"] != "ok" or r.get("warning")]
     if problems:

@@ -51,8 +51,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # What an in-process run (``cli.main``, ``seed_everything``, a Trainer) changes for the whole process, and later
-# Trainers read: Lightning's seed variables (``reset_seed`` re-seeds from them). Their values before any test ran.
-GLOBAL_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+# Trainers read: Lightning's seed variables (``reset_seed`` re-seeds from them), and torch.compile's cache folder
+# (``compile_cache.CompileCache`` sets it). Their values before any test ran.
+GLOBAL_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "TORCHINDUCTOR_CACHE_DIR")
 _CLEAN_ENV = {key: os.environ.get(key) for key in GLOBAL_ENV}
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import select
+import shutil
 import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -15,7 +18,9 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from cifar_resnet.checkpointing import AtomicCheckpointIO
+from cifar_resnet.callbacks import ClassFigures
+from cifar_resnet.checkpointing import AtomicCheckpointIO, atomic_write, wait_for_checkpoints
+from cifar_resnet.drawing import deliver, render
 
 
 class RaiseOnRank(Callback):
@@ -87,6 +92,8 @@ class PauseAtStep(Callback):
         if self._paused or not os.path.exists(self.fifo) or self.step not in (None, trainer.global_step):
             return
         self._paused = True
+        # Checkpoints are written in the background: the test acts once those asked for so far are on disk.
+        wait_for_checkpoints(trainer)
         # A signal that comes before the wait starts must not be missed: Python writes the number of every signal
         # it handles into the wake-up pipe, which keeps it until it is read.
         wake_read, wake_write = os.pipe()
@@ -197,6 +204,191 @@ class FullDiskCheckpointIO(AtomicCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
         finally:
             torch.save = real_save
+
+
+class RecordedClassFigures(ClassFigures):
+    """ClassFigures that also draws every figure on the training thread, and writes to ``out`` (JSON lines)
+    each delivery: where it was drawn (``foreground`` or the ``background`` thread), its tag, step, the
+    hash of its pixels and the training step reached when it was drawn. The first background drawing is
+    held until training has gone on into the next epoch, so it cannot be drawn from numbers copied late."""
+
+    def __init__(self, out: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+        self._trainer: Trainer | None = None
+        self._go_on = threading.Event()
+        self._held_epoch: int | None = None
+
+    def _record(self, where: str) -> Any:
+        def sink(tag: str, figure: Any, step: int) -> None:
+            pixels = render(figure)
+            entry = {"where": where, "thread": threading.current_thread().name, "tag": tag, "step": step,
+                     "pixels": hashlib.sha256(pixels.tobytes()).hexdigest(), "shape": list(pixels.shape),
+                     "trained_to": self._trainer.global_step}  # fmt: skip
+            with open(self.out, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+        return sink
+
+    def sinks(self, trainer: Trainer) -> list[Any]:
+        self._trainer = trainer
+        return [*super().sinks(trainer), self._record("background" if self.background else "foreground")]
+
+    def _submit(self, trainer: Trainer, draw: Any) -> None:
+        self._trainer = trainer
+        deliver(draw(), trainer.global_step, [self._record("foreground")])
+        if self._held_epoch is None:
+            self._held_epoch = trainer.current_epoch
+            self._worker.submit(lambda: self._go_on.wait(timeout=120))
+        super()._submit(trainer, draw)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._held_epoch is not None and trainer.current_epoch > self._held_epoch and batch_idx >= 1:
+            self._go_on.set()
+
+
+class HoldCheckpointWrites(Callback):
+    """Holds the background writes of the checkpoints of one epoch, to see what training going on does to them.
+
+    Saves to ``<folder>/snapshot.pt`` the weights and optimizer state at the end of epoch ``epoch`` (just before
+    its checkpoints are asked for). Then, with ``stall`` false, holds their writes until training has taken two
+    steps of the next epoch, writes them, copies each file into ``folder`` and notes in ``written.json`` the step
+    training had reached; with ``stall`` true, writes part of the first one, writes a line into the FIFO
+    ``<folder>/stalled`` (:func:`pause_point` of ``folder``, for :func:`wait_until_paused`) and blocks forever,
+    for a test to kill the process in the middle of a background write.
+    """
+
+    def __init__(self, folder: str, epoch: int = 0, stall: bool = False) -> None:
+        self.folder, self.epoch, self.stall = Path(folder), epoch, stall
+        self._go_on = threading.Event()
+        self._trainer: Trainer | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trainer = trainer
+        inner = trainer.strategy.checkpoint_io.checkpoint_io  # BackgroundCheckpointIO's writer
+        write = inner.save_checkpoint
+
+        def held(checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+            if checkpoint["epoch"] != self.epoch:
+                return write(checkpoint, path, storage_options)
+            if self.stall:
+                atomic_write(path, self._write_part_then_stall)
+            assert self._go_on.wait(timeout=120), "training did not go on while the checkpoint was held"
+            write(checkpoint, path, storage_options)
+            shutil.copy(path, self.folder / Path(path).name)
+            with open(self.folder / "written.json", "a") as f:
+                f.write(json.dumps({"file": Path(path).name, "step": self._trainer.global_step}) + "\n")
+
+        inner.save_checkpoint = held
+
+    def _write_part_then_stall(self, f: Any) -> None:
+        f.write(b"PK\x03\x04 the first bytes of a checkpoint")
+        f.flush()
+        with open(self.folder / "stalled", "w") as fifo:  # a FIFO (pause_point): blocks until the test listens
+            fifo.write("stalled writing a checkpoint\n")
+        threading.Event().wait()  # forever
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            state = {"state_dict": pl_module.state_dict(), "optimizer_states": [o.state_dict() for o in trainer.optimizers]}
+            torch.save(state, self.folder / "snapshot.pt")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch > self.epoch and batch_idx >= 1:
+            self._go_on.set()
+
+
+# Operators that make the host wait for a CUDA device: they read a value back, or their output size depends on
+# the values (``bincount`` reads the maximum first). On a CPU they wait for nothing, so they are counted by name.
+WAITING_OPS = ("_local_scalar_dense", "nonzero", "bincount", "unique", "_unique", "_unique2", "unique_consecutive",
+               "unique_dim", "masked_select", "repeat_interleave", "histc", "_assert_async", "equal", "is_nonzero")  # fmt: skip
+WAITING_METHODS = ("cpu", "tolist", "numpy", "item")
+
+
+class CountEvalWaits(Callback):
+    """Writes to ``out`` (JSON) every operator or tensor method that would make the host wait for the device
+    (:data:`WAITING_OPS`, :data:`WAITING_METHODS`), with the code that called it, from the start of the second
+    validation or test batch to the end of the epoch's last batch (the epoch-end summing up is not counted).
+    Give it last in the callbacks, so that the other callbacks' batch-end hooks are counted too."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.waits: list[str] = []
+        self._mode: Any = None
+        self._originals = {name: getattr(torch.Tensor, name) for name in WAITING_METHODS}
+
+    def _note(self, what: str) -> None:
+        frames = [f for f in traceback.extract_stack()[:-3] if "/torch/" not in f.filename and "/faults.py" not in f.filename]
+        self.waits.append(f"{what} at {frames[-1].filename}:{frames[-1].lineno}" if frames else what)
+
+    def _start(self, batch_idx: int) -> None:
+        if batch_idx < 1 or self._mode is not None:
+            return
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                if func._overloadpacket.__name__ in WAITING_OPS:
+                    counter._note(f"aten.{func._overloadpacket.__name__}")
+                return func(*args, **(kwargs or {}))
+
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, self._counted(name, original))
+        self._mode = Mode()
+        self._mode.__enter__()
+
+    def _counted(self, name: str, original: Any) -> Any:
+        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self._note(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+    def _stop(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+            for name, original in self._originals.items():
+                setattr(torch.Tensor, name, original)
+            Path(self.out).write_text(json.dumps(self.waits))
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._start(batch_idx)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._start(batch_idx)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx + 1 == trainer.num_val_batches[dataloader_idx]:
+            self._stop()
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx + 1 == trainer.num_test_batches[dataloader_idx]:
+            self._stop()
+
+
+class HungClassFigures(ClassFigures):
+    """ClassFigures whose drawings never finish: each writes ``<marker>`` and then blocks forever."""
+
+    def __init__(self, marker: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+
+    def sinks(self, trainer: Trainer) -> list[Any]:
+        def hang(tag: str, figure: Any, step: int) -> None:
+            Path(self.marker).write_text(tag)
+            while True:
+                time.sleep(1)
+
+        return [hang]
 
 
 class CountDeviceWork(Callback):

@@ -20,7 +20,7 @@ import torch
 
 from cifar_resnet import ScratchResNet
 from cifar_resnet.callbacks import StopChildProcessesOnError, StopOnNonFiniteLoss
-from cifar_resnet.checkpointing import AtomicCheckpointIO, atomic_save, read_checkpoint
+from cifar_resnet.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO, atomic_save, read_checkpoint
 from cifar_resnet.cli import main, run
 from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
@@ -264,7 +264,8 @@ def test_the_recipes_use_atomic_checkpoints_and_the_guards(cifar_dir: Path, tmp_
         cli = run(["validate", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs"),
                    "--model.init_args.weights", "null", "--data.output_size", "32"] if "finetune" in config else
                   ["validate", "--config", config, *tiny_args(cifar_dir, tmp_path / "runs")])  # fmt: skip
-        assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+        checkpoint_io = cli.trainer.strategy.checkpoint_io
+        assert isinstance(checkpoint_io, BackgroundCheckpointIO) and isinstance(checkpoint_io.checkpoint_io, AtomicCheckpointIO)
         kinds = {type(c) for c in cli.trainer.callbacks}
         assert {StopOnNonFiniteLoss, StopChildProcessesOnError} <= kinds
 
@@ -403,10 +404,19 @@ def test_a_second_process_cannot_write_into_a_run_being_written(cifar_dir: Path,
 # --- the file system saying no ------------------------------------------------------------------------
 
 
-def test_a_full_disk_keeps_the_earlier_checkpoints_and_the_config(cifar_dir: Path, trained: dict, tmp_path: Path, capsys) -> None:
+FULL_DISK = "    - class_path: faults.FullDiskCheckpointIO\n"
+# The recipes' writer: the same atomic writes on a background thread, whose error must reach the user the same way.
+FULL_DISK_IN_BACKGROUND = (
+    "    - class_path: cifar_resnet.checkpointing.BackgroundCheckpointIO\n"
+    "      init_args:\n        checkpoint_io:\n          class_path: faults.FullDiskCheckpointIO\n"
+)
+
+
+@pytest.mark.parametrize("plugin", [FULL_DISK, FULL_DISK_IN_BACKGROUND], ids=["foreground", "background"])
+def test_a_full_disk_keeps_the_earlier_checkpoints_and_the_config(cifar_dir: Path, trained: dict, tmp_path: Path, capsys, plugin: str) -> None:
     run_dir = copy_run(trained, tmp_path)
     before = hashes(run_dir)
-    (tmp_path / "full_disk.yaml").write_text("trainer:\n  plugins:\n    - class_path: faults.FullDiskCheckpointIO\n")
+    (tmp_path / "full_disk.yaml").write_text("trainer:\n  plugins:\n" + plugin)
     err = fails(capsys, "fit", "--config", str(run_dir / "config.yaml"), "--config", str(tmp_path / "full_disk.yaml"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "2", "--ckpt_path", "last")  # fmt: skip
     assert f"Cannot write '{run_dir / 'checkpoints'}" in err and "the disk is full" in err and "free some space" in err

@@ -68,6 +68,10 @@ def test_report_numbers_are_the_runs_own_logged_metrics(two_recipes: tuple[dict,
         assert run["images_per_s"] == statistics.median(v for _, v in fit["train/images_per_sec"])
         for key in ("test/top1", "test/top5", "test/loss"):
             assert run[key.replace("/", "_")] == test[key][-1][1]
+        # The wall-clock breakdown: what the program logged (the recipe copies draw no figures).
+        for column, tag in (("startup_s", "time/startup_s"), ("validation_s", "time/validation_s"), ("checkpoint_s", "time/checkpoint_s")):
+            assert run[column] == fit[tag][-1][1], column
+        assert run["figures_s"] is None and run["train_s"] == sum(v for _, v in fit["train/epoch_time"])
         # --seed and --accelerator reached the run
         config = yaml.safe_load((fit_dir / "config.yaml").read_text())
         assert config["seed_everything"] == run["seed"] and config["trainer"]["accelerator"] == "cpu"
@@ -88,6 +92,10 @@ def test_mean_and_std_per_recipe(two_recipes: tuple[dict, str, Path]) -> None:
         fit = stats["fit_s"]
         assert f"| {fit['mean']:.1f} ± {fit['std']:.1f} |" in row
         assert f"| {SEEDS}/{SEEDS} |" in row and "synthetic: not an accuracy" in row
+        # Second table: where the wall time went, from the start-up on.
+        breakdown = [line for line in md.splitlines() if line.startswith(f"| {recipe} |")][1]
+        startup = stats["startup_s"]
+        assert breakdown.startswith(f"| {recipe} | {startup['mean']:.1f} ± {startup['std']:.1f} |")
     assert "60.13 % in 3.5 h" in next(line for line in md.splitlines() if line.startswith("| scratch |"))
     assert "75.37 % in 1.5 h" in next(line for line in md.splitlines() if line.startswith("| finetune |"))
     env = report["environment"]

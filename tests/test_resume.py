@@ -18,7 +18,8 @@ from conftest import env_with_tests, read_scalars, run_cli, tiny_args, warning_l
 from faults import pause_point, wait_until_paused
 
 # Timing scalars differ between any two runs; everything else must not.
-TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib")
+TIMING = ("train/epoch_time", "train/images_per_sec", "time/elapsed_s", "time/warmup_s", "gpu/peak_memory_gib",
+          "time/startup_s", "time/validation_s", "time/checkpoint_s", "time/figures_s")
 
 
 def fit_args(cifar_dir: Path, save_dir: Path, *extra: str) -> list[str]:
@@ -201,3 +202,38 @@ def test_last_is_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     write(new / "last.ckpt", b"complete, newer")
     assert find_last_checkpoint(tmp_path) == new / "last.ckpt"
     assert find_last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_and_resumes_exactly(
+    cifar_dir: Path, uninterrupted: Path, tmp_path: Path
+) -> None:
+    """Epoch 1's checkpoints are written on a background thread while training goes on; the kill lands
+    in the middle of that write."""
+    save_dir, held = tmp_path / "runs", tmp_path / "held"
+    run_dir = save_dir / "scratch" / "version_0"
+    stall = ["--trainer.callbacks+=faults.HoldCheckpointWrites", "--trainer.callbacks.folder", str(held),
+             "--trainer.callbacks.epoch", "1", "--trainer.callbacks.stall", "true"]  # fmt: skip
+    held.mkdir()
+    stalled = pause_point(held).rename(held / "stalled")
+    proc = CliProcess(fit_args(cifar_dir, save_dir, *stall), tmp_path, env_with_tests())
+    try:
+        assert wait_until_paused(stalled, proc, timeout=240) == "stalled writing a checkpoint"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    checkpoints = run_dir / "checkpoints"
+    torn = [p.name for p in checkpoints.iterdir() if p.suffix == ".tmp"]
+    assert len(torn) == 1 and torn[0].startswith((".last.ckpt.", ".best-epoch=1")), "the kill landed mid-write"
+    killed_at = load(checkpoints / "last.ckpt")
+    assert (killed_at["epoch"], killed_at["global_step"]) == (0, 2), "last.ckpt is still epoch 0's, whole"
+
+    run_cli(*fit_args(cifar_dir, save_dir, "--ckpt_path", "last"), cwd=tmp_path)
+    resumed, reference = load(checkpoints / "last.ckpt"), load(uninterrupted / "checkpoints" / "last.ckpt")
+    assert (resumed["epoch"], resumed["global_step"]) == (reference["epoch"], reference["global_step"]) == (2, 6)
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    for mine, theirs in zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)

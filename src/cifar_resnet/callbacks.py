@@ -6,8 +6,10 @@ import fcntl
 import importlib
 import inspect
 import math
+import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +22,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
+from cifar_resnet.checkpointing import checkpoint_host_seconds
+from cifar_resnet.drawing import BackgroundWorker, FigureSink, TensorBoardFigures, deliver
 from cifar_resnet.errors import UserError
 from cifar_resnet.figures import (
     class_accuracy_figure,
@@ -29,6 +33,8 @@ from cifar_resnet.figures import (
     superclass_accuracy,
     superclass_accuracy_figure,
 )
+
+IMPORTED_AT = time.time()
 
 
 class SpeedMonitor(Callback):
@@ -124,6 +130,58 @@ class SpeedMonitor(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
 
 
+class WallClock(Callback):
+    """Logs where a fit's wall time went, once, at its end, so that what keeps the device waiting shows:
+
+    ``time/startup_s`` (from the start of the process to the first training step: imports, reading the
+    archive, building the model, the sanity check), ``time/validation_s`` (all validation epochs of the
+    fit), ``time/checkpoint_s`` (what writing checkpoints cost the training thread; with the recipes'
+    :class:`~cifar_resnet.checkpointing.BackgroundCheckpointIO`, the copies and the final wait) beside
+    ``time/warmup_s`` and ``train/epoch_time`` of :class:`SpeedMonitor` and ``time/figures_s`` of
+    :class:`ClassFigures`. The clocks wait for the device only at the start and end of each validation.
+    """
+
+    def __init__(self) -> None:
+        self._startup: float | None = None
+        self._validation = 0.0
+        self._validation_start = 0.0
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._startup, self._validation = None, 0.0
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._startup is None:
+            self._startup = time.time() - process_start_time()
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validation_start = SpeedMonitor._now(pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validation += SpeedMonitor._now(pl_module) - self._validation_start
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After Lightning's teardown, which waited for the checkpoints written in the background.
+        metrics = {"time/validation_s": self._validation}
+        if self._startup is not None:
+            metrics["time/startup_s"] = self._startup
+        checkpoint_s = checkpoint_host_seconds(trainer)
+        if checkpoint_s is not None:
+            metrics["time/checkpoint_s"] = checkpoint_s
+        SpeedMonitor._log_now(trainer, metrics)
+
+
+def process_start_time() -> float:
+    """When this process started (``time.time()`` scale): from ``/proc`` on Linux, else when this program was imported."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - started)
+    except (OSError, ValueError, IndexError):
+        return IMPORTED_AT
+
+
 class FixedFormatProgressBar(TQDMProgressBar):
     """Lightning's progress bar with its numbers in a fixed format (``img/s=12345``, ``loss=4.6052``), so
     they do not jump between ``1.23e+3`` and ``987`` or change width from one update to the next."""
@@ -163,19 +221,34 @@ class ClassFigures(Callback):
     wrongly classified test images captioned with the true and predicted class. The confusion matrix
     is the module's (a torchmetrics metric, so it covers every process's images under DDP); figures
     are drawn by rank 0.
+
+    Drawing takes a second or two of host time per figure, so by default it happens on a background
+    thread while training goes on: the hook only copies the numbers off the device (once) and queues
+    the drawing; each figure is logged under the step it belongs to, in order. The end of the command
+    waits for the drawings still queued; Ctrl-C and SIGTERM drop them. Once the drawings are done,
+    ``time/figures_s`` is logged: the seconds the training thread spent on figures (copying, queuing
+    and that final wait; all the drawing when ``background`` is false).
     """
 
-    def __init__(self, every_n_epochs: int = 1, num_misclassified: int = 32) -> None:
+    def __init__(self, every_n_epochs: int = 1, num_misclassified: int = 32, background: bool = True) -> None:
         """
         Args:
-            every_n_epochs: Draw the validation figures every this many epochs (and always after the last);
-                drawing takes about a second.
+            every_n_epochs: Draw the validation figures every this many epochs (and always after the last).
             num_misclassified: Misclassified test images shown in the grid.
+            background: Draw on a background thread while training goes on (false: on the training thread,
+                which then waits for each drawing).
         """
         self.every_n_epochs = every_n_epochs
         self.num_misclassified = num_misclassified
-        self._wrong: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._wrong_count = 0
+        self.background = background
+        self._worker = BackgroundWorker("class-figures")
+        self._wrong: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # images, true, predicted, is-wrong
+        self.host_s = 0.0
+
+    def sinks(self, trainer: Trainer) -> list[FigureSink]:
+        """Where finished figures go (rank 0 only): the trainer's TensorBoard logger."""
+        writer = tensorboard(trainer)
+        return [TensorBoardFigures(writer.experiment)] if writer is not None and trainer.is_global_zero else []
 
     def _draw_now(self, trainer: Trainer) -> bool:
         """Whether this validation epoch gets figures."""
@@ -184,60 +257,111 @@ class ClassFigures(Callback):
         last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
         return last or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
+    def _submit(self, trainer: Trainer, draw: Callable[[], list[tuple[str, Figure]]]) -> None:
+        """Draw (in the background, or now) and deliver the figures to ``sinks`` under the current step."""
+        step, sinks = trainer.global_step, self.sinks(trainer)
+        job = lambda: deliver(draw(), step, sinks)  # noqa: E731
+        if self.background:
+            self._worker.submit(job)
+        else:
+            job()
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._draw_now(trainer):
-            self._log_class_figures(trainer, "val", pl_module.confusion_matrix("val"))
+        if not self._draw_now(trainer):
+            return
+        start = time.perf_counter()
+        confusion = pl_module.confusion_matrix("val")  # every process must ask (DDP)
+        if self.sinks(trainer):
+            when = f"epoch {trainer.current_epoch}"
+            self._submit(trainer, class_figures_job("val", confusion.cpu(), when, data_questions(trainer)))
+        self.host_s += time.perf_counter() - start
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._wrong, self._wrong_count = [], 0
+        self._wrong = None
 
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._wrong_count >= self.num_misclassified:
-            return
+        # The first misclassified images, kept on the device without asking how many there are (that would
+        # make the host wait for the device every batch): this batch's candidates join the ones kept, and
+        # a stable sort puts the wrong ones first.
+        start = time.perf_counter()
         images, labels = batch
         predicted = outputs["logits"].argmax(dim=-1)
-        wrong = (predicted != labels).nonzero().flatten()[: self.num_misclassified - self._wrong_count]
-        self._wrong.append((data_questions(trainer).displayable(images[wrong]), labels[wrong].cpu(), predicted[wrong].cpu()))
-        self._wrong_count += len(wrong)
+        wrong = predicted != labels
+        first = torch.argsort((~wrong).to(torch.uint8), stable=True)[: self.num_misclassified]
+        found = (images[first], labels[first], predicted[first], wrong[first])
+        if self._wrong is not None:
+            found = tuple(torch.cat(pair) for pair in zip(self._wrong, found))
+            first = torch.argsort((~found[3]).to(torch.uint8), stable=True)[: self.num_misclassified]
+            found = tuple(part[first] for part in found)
+        self._wrong = found  # type: ignore[assignment]
+        self.host_s += time.perf_counter() - start
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        start = time.perf_counter()
         confusion = pl_module.confusion_matrix("test")
-        self._log_class_figures(trainer, "test", confusion)
-        writer = tensorboard(trainer)
-        if not trainer.is_global_zero or writer is None:
-            return
-        data = data_questions(trainer)
-        names, super_names = data.class_names, data.superclass_names
-        exact, coarse = superclass_accuracy(confusion, data.fine_to_coarse, len(super_names))
-        step = trainer.global_step
-        title = "Test accuracy per superclass: exact class (dark) and right superclass (light)"
-        self._add(writer, "test/superclass_accuracy", superclass_accuracy_figure(exact, coarse, super_names, title), step)
-        if self._wrong_count:
-            images, true, predicted = (torch.cat(parts) for parts in zip(*self._wrong))
-            title = "Misclassified test images: true class → predicted class"
-            figure = misclassified_figure(images, [names[i] for i in true], [names[i] for i in predicted], title)
-            self._add(writer, "test/misclassified", figure, step)
+        if self.sinks(trainer):
+            data = data_questions(trainer)
+            wrong = None
+            if self._wrong is not None:
+                images, true, predicted, is_wrong = self._wrong
+                is_wrong = is_wrong.cpu()
+                wrong = (data.displayable(images[is_wrong.to(images.device)]), true.cpu()[is_wrong], predicted.cpu()[is_wrong])
+            self._submit(trainer, figures_after_test_job(confusion.cpu(), data, wrong))
+        self._wrong = None
+        self.host_s += time.perf_counter() - start
 
-    def _log_class_figures(self, trainer: Trainer, stage: str, confusion: Tensor) -> None:
-        """The confusion matrix and per-class accuracy of ``stage``, drawn and logged by rank 0."""
-        writer = tensorboard(trainer)
-        if not trainer.is_global_zero or writer is None:
-            return
-        data = data_questions(trainer)
-        names, fine_to_coarse, super_names = data.class_names, data.fine_to_coarse, data.superclass_names
-        when = f"epoch {trainer.current_epoch}" if stage == "val" else "test split"
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Wait for the drawings in flight (before the loggers close), then log ``time/figures_s``."""
+        start = time.perf_counter()
+        self._worker.wait()
+        self.host_s += time.perf_counter() - start
+        if trainer.is_global_zero and stage in ("fit", "test"):
+            for logger in trainer.loggers:
+                logger.log_metrics({"time/figures_s": self.host_s}, step=trainer.global_step)
+        self.host_s = 0.0
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Drop the drawings not started: a stopped command must not wait for pictures."""
+        self._worker.cancel()
+
+
+def class_figures_job(stage: str, confusion: Tensor, when: str, data: Any) -> Callable[[], list[tuple[str, Figure]]]:
+    """A function that draws ``stage``'s confusion matrix and per-class accuracy from ``confusion`` (on the CPU)."""
+    names, fine_to_coarse, super_names = list(data.class_names), data.fine_to_coarse.cpu(), list(data.superclass_names)
+
+    def draw() -> list[tuple[str, Figure]]:
         images = int(confusion.sum())
         title = f"{stage} confusion matrix, {when}, {images} images (rows: true class, normalised; grouped by superclass)"
-        self._add(writer, f"{stage}/confusion_matrix", confusion_matrix_figure(confusion, names, fine_to_coarse, super_names, title), trainer.global_step)
+        matrix = confusion_matrix_figure(confusion, names, fine_to_coarse, super_names, title)
         title = f"{stage} accuracy per class, {when} (grouped and coloured by superclass)"
-        accuracy = per_class_accuracy(confusion)
-        self._add(writer, f"{stage}/class_accuracy", class_accuracy_figure(accuracy, names, fine_to_coarse, super_names, title), trainer.global_step)
+        bars = class_accuracy_figure(per_class_accuracy(confusion), names, fine_to_coarse, super_names, title)
+        return [(f"{stage}/confusion_matrix", matrix), (f"{stage}/class_accuracy", bars)]
 
-    @staticmethod
-    def _add(logger: TensorBoardLogger, tag: str, figure: Figure, step: int) -> None:
-        logger.experiment.add_figure(tag, figure, global_step=step, close=True)
+    return draw
+
+
+def figures_after_test_job(
+    confusion: Tensor, data: Any, wrong: tuple[Tensor, Tensor, Tensor] | None
+) -> Callable[[], list[tuple[str, Figure]]]:
+    """A function that draws the test figures from CPU tensors: per class, per superclass, misclassified images."""
+    names, fine_to_coarse, super_names = list(data.class_names), data.fine_to_coarse.cpu(), list(data.superclass_names)
+    per_class = class_figures_job("test", confusion, "test split", data)
+
+    def draw() -> list[tuple[str, Figure]]:
+        figures = per_class()
+        exact, coarse = superclass_accuracy(confusion, fine_to_coarse, len(super_names))
+        title = "Test accuracy per superclass: exact class (dark) and right superclass (light)"
+        figures.append(("test/superclass_accuracy", superclass_accuracy_figure(exact, coarse, super_names, title)))
+        if wrong is not None and len(wrong[0]):
+            images, true, predicted = wrong
+            title = "Misclassified test images: true class → predicted class"
+            figure = misclassified_figure(images, [names[i] for i in true], [names[i] for i in predicted], title)
+            figures.append(("test/misclassified", figure))
+        return figures
+
+    return draw
 
 
 class HParamsSummary(Callback):

@@ -14,11 +14,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_resnet.averaging import EMAWeights
 from cifar_resnet.checkpointing import check_checkpoint_fits, stamp_schema
 from cifar_resnet.errors import UserError
+from cifar_resnet.metrics import ConfusionMatrix
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
 from cifar_resnet.schedules import WarmupDecayLR
 from cifar_resnet.step import (
@@ -105,7 +106,7 @@ class ImageClassifier(LightningModule, ABC):
             self.val_tta_metrics = metrics.clone(prefix="val/", postfix="_tta")
             self.test_tta_metrics = metrics.clone(prefix="test/", postfix="_tta")
         # Evaluation also keeps the confusion matrix, which the figures and reports read (not logged as a scalar).
-        metrics.add_metrics({CONFUSION: MulticlassConfusionMatrix(num_classes, validate_args=False)})
+        metrics.add_metrics({CONFUSION: ConfusionMatrix(num_classes, validate_args=False)})
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         self._fast_path_ready = False
@@ -146,11 +147,36 @@ class ImageClassifier(LightningModule, ABC):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def tta_logits(self, images: Tensor, logits: Tensor | None = None) -> Tensor:
+    def tta_logits(self, images: Tensor) -> Tensor:
         """Test-time augmentation: the mean of the logits of ``images`` and of their mirror images."""
-        if logits is None:
+        return self._plain_and_tta_logits(images)[1]
+
+    def _plain_and_tta_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits of ``images``, and their mean with those of the mirror images, from one forward pass
+        of the doubled batch (one large batch keeps the device busier than two)."""
+        logits, mirrored = self(torch.cat([images, images.flip(-1)])).chunk(2)
+        return logits, (logits.float() + mirrored.float()) / 2
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
+        """Loss and metrics of one validation or test batch, logged under ``stage/``; returns the loss and logits.
+
+        Nothing is read back to the host: the metrics add up on the device until the epoch ends.
+        """
+        images, labels = batch
+        if self.hparams.tta:
+            logits, tta = self._plain_and_tta_logits(images)
+            tta_metrics = getattr(self, f"{stage}_tta_metrics")
+            tta_metrics.update(tta, labels)
+            self.log_dict(tta_metrics, on_step=False, on_epoch=True)
+        else:
             logits = self(images)
-        return (logits.float() + self(images.flip(-1)).float()) / 2
+        loss = self.criterion(logits, labels)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits, labels)
+        scalars = {name: m for name, m in metrics.items(keep_base=False, copy_state=False) if not name.endswith(CONFUSION)}
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
+        self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        return {"loss": loss, "logits": logits.detach()}
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> dict[str, Tensor]:
         """Loss and metrics of one batch, logged under ``stage/``; returns the loss and the logits."""
@@ -165,10 +191,6 @@ class ImageClassifier(LightningModule, ABC):
         # every step would make the host wait for the device every step.
         self.log(f"{stage}/loss", loss, on_step=training, on_epoch=True, prog_bar=not training, sync_dist=not training, batch_size=len(labels))
         self.log_dict(scalars, on_step=False, on_epoch=True, prog_bar=stage != "test")
-        if not training and self.hparams.tta:
-            tta_metrics = getattr(self, f"{stage}_tta_metrics")
-            tta_metrics.update(self.tta_logits(images, logits), labels)
-            self.log_dict(tta_metrics, on_step=False, on_epoch=True)
         return {"loss": loss, "logits": logits.detach()}
 
     def confusion_matrix(self, stage: str) -> Tensor:
@@ -338,11 +360,11 @@ class ImageClassifier(LightningModule, ABC):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Validation loss and accuracy; the logits go on to callbacks (confusion matrix)."""
-        return self._step(batch, "val")
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Test loss and accuracy; the logits go on to callbacks (confusion matrix, report)."""
-        return self._step(batch, "test")
+        return self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Top-5 class indices and probabilities of each image (with test-time augmentation if ``tta``)."""

@@ -33,6 +33,7 @@ from cifar_resnet.checkpointing import (
     RandomStates,
     atomic_write,
     find_last_checkpoint,
+    wait_for_checkpoints,
     write_error_message,
 )
 from cifar_resnet.classifier import ImageClassifier
@@ -169,6 +170,7 @@ class SaveConfigSafely(SaveConfigCallback):
             return
         path = self._path(trainer)
         if trainer.is_global_zero:
+            wait_for_checkpoints(trainer)  # a checkpoint that failed in the background keeps the old config
             text = self.parser.dump(_as_trained(self.config, trainer), skip_none=False)
             atomic_write(path, lambda f: f.write(text.encode()))
         self.already_saved = True
