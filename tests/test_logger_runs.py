@@ -15,7 +15,7 @@ import torch
 from cifar_resnet.cli import main
 from cifar_resnet.loggers import RUN_RECORD
 from cli_process import CliProcess
-from conftest import env_with_tests, run_cli, tiny_args, without_figures
+from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
 from faults import pause_point, wait_until_paused
 
 pytest.importorskip("mlflow", reason="the test extra installs mlflow-skinny")  # pip install -e '.[test]'
@@ -161,3 +161,32 @@ def test_mlflow_file_store_refusal_is_one_paragraph(cifar_dir: Path, tmp_path: P
     assert err.startswith("cifar-resnet: error: MLflow refuses to write to a local file store") and "\n" not in err
     assert "MLFLOW_ALLOW_FILE_STORE=true" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists(), "a command that failed leaves no run folder"
+
+
+@pytest.mark.slow
+def test_figures_reach_mlflow_wandb_and_png_files(cifar_dir: Path, tmp_path: Path) -> None:
+    """The recipe's class figures, with MLflow and W&B (offline) as the loggers: in both, and as PNG files in the
+    program's run folder (the pixels W&B has)."""
+    from PIL import Image
+
+    store = tmp_path / "store"
+    loggers = tmp_path / "loggers.yaml"
+    loggers.write_text(
+        "trainer:\n  logger:\n"
+        f"    - class_path: lightning.pytorch.loggers.MLFlowLogger\n      init_args: {{save_dir: {store / 'mlruns'}}}\n"
+        f"    - class_path: lightning.pytorch.loggers.WandbLogger\n      init_args: {{save_dir: {store}, offline: true}}\n"
+    )
+    args = tiny_args(cifar_dir, store)
+    at = args.index("--trainer.logger.init_args.save_dir")
+    del args[at : at + 2]  # a list of loggers: their folders are in loggers.yaml
+    run_cli("fit", "--config", str(CONFIGS / "scratch.yaml"), "--config", str(loggers), *args, cwd=tmp_path, env=logger_env(tmp_path))
+
+    png = tmp_path / "runs" / "scratch" / "version_0" / "figures"
+    tags = ("val/confusion_matrix", "val/class_accuracy")
+    assert sorted(str(p.relative_to(png)) for p in png.rglob("*.png")) == [f"{tag}/step_2.png" for tag in sorted(tags)]
+    (mlflow_run,) = [p for p in (store / "mlruns").glob("*/*") if (p / "artifacts").is_dir()]
+    for tag in tags:
+        assert (mlflow_run / "artifacts" / tag / "step_2.png").stat().st_size > 0, tag
+        (wandb_png,) = (store / "wandb").glob(f"offline-run-*/files/media/images/{tag}_*.png")
+        with Image.open(wandb_png) as theirs, Image.open(png / tag / "step_2.png") as ours:
+            assert theirs.size == ours.size and theirs.convert("RGB").tobytes() == ours.convert("RGB").tobytes(), tag
