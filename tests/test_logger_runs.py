@@ -18,8 +18,7 @@ from cli_process import CliProcess
 from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
 from faults import pause_point, wait_until_paused
 
-pytest.importorskip("mlflow", reason="the test extra installs mlflow-skinny")  # pip install -e '.[test]'
-pytest.importorskip("wandb", reason="the test extra installs wandb")
+# mlflow-skinny and wandb come with the test extra (`make setup`, or pip install -e '.[test]').
 
 SCRATCH = without_figures("scratch.yaml")
 LOGGERS = {

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+# Private, but what MLFlowLogger.log_hyperparams itself uses: the parameters are compared as MLflow got them.
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
