@@ -22,7 +22,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from cifar_resnet.compat import kill_launched_processes, write_tensorboard_summary
 from cifar_resnet.checkpointing import checkpoint_host_seconds
-from cifar_resnet.drawing import BackgroundWorker, FigureSink, TensorBoardFigures, deliver
+from cifar_resnet.drawing import BackgroundWorker, FigureSink, deliver, figure_sinks
 from cifar_resnet.errors import UserError
 from cifar_resnet.figures import (
     class_accuracy_figure,
@@ -213,7 +213,8 @@ def data_questions(trainer: Trainer) -> Any:
 
 
 class ClassFigures(Callback):
-    """Per-class pictures in TensorBoard's IMAGES tab, classes grouped by CIFAR-100's 20 superclasses.
+    """Per-class pictures, classes grouped by CIFAR-100's 20 superclasses, in every logger that takes images
+    (TensorBoard's IMAGES tab, MLflow artifacts, W&B images) and as PNG files in the run folder's ``figures/``.
 
     After each validation epoch: ``val/confusion_matrix`` and ``val/class_accuracy``. After testing,
     the same for ``test/`` plus ``test/superclass_accuracy`` and ``test/misclassified``, a grid of
@@ -245,9 +246,8 @@ class ClassFigures(Callback):
         self.host_s = 0.0
 
     def sinks(self, trainer: Trainer) -> list[FigureSink]:
-        """Where finished figures go (rank 0 only): the trainer's TensorBoard logger."""
-        writer = tensorboard(trainer)
-        return [TensorBoardFigures(writer.experiment)] if writer is not None and trainer.is_global_zero else []
+        """Where finished figures go (rank 0 only): every logger that takes images, and PNG files in the run folder."""
+        return figure_sinks(trainer)
 
     def _draw_now(self, trainer: Trainer) -> bool:
         """Whether this validation epoch gets figures."""

@@ -41,6 +41,18 @@ from cifar_resnet.compat import CLIInternals
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
+from cifar_resnet.loggers import (
+    RUN_IDS,
+    RUN_RECORD,
+    LoggerRunRecord,
+    RunFolderTrainer,
+    RunSettings,
+    keep_logged_params,
+    logger_configs,
+    owns_its_folder,
+    resume_logger_runs,
+)
+from cifar_resnet.loggers import user_message as logger_message
 from cifar_resnet.predict import PredictionWriter
 from cifar_resnet.tuning import TUNERS, FollowTuners, is_tuner
 
@@ -81,8 +93,6 @@ def silence_known_warnings() -> None:
             logger.addFilter(_DropLitLoggerTip())
 
 
-# Loggers whose folders are <save_dir>/<name>/<version>/ and whose ``version`` may be a folder name.
-VERSIONED_LOGGERS = ("lightning.pytorch.loggers.TensorBoardLogger", "lightning.pytorch.loggers.CSVLogger")
 MAX_SEED = 2**32 - 1
 
 
@@ -302,14 +312,14 @@ class CifarCLI(CLIInternals):
     def _resolve_run(self, subcommand: str, config: Namespace) -> None:
         """Turn ``last`` into the run's newest checkpoint and continue that run's folder; any other
         command writes a new version folder, never into an existing one. Without a logger
-        (``--trainer.logger false``) the run folder is ``<default_root_dir or runs>/<recipe>/version_N``
-        all the same."""
+        (``--trainer.logger false``) or with one that keeps no version folders (MLflow, W&B), the program's
+        run folder is ``<default_root_dir or runs>/<recipe>/version_N`` all the same (:mod:`cifar_resnet.loggers`)."""
         if config.get("weights_only") is None:
             config.weights_only = True
         self._run_dir: Path | None = None
         self._new_run_folder = True  # until it turns out to resume a run in its folder
         logger = config.trainer.get("logger")
-        if logger is False:
+        if logger is False or (logger_configs(logger) and not owns_its_folder(logger)):
             experiment = Path(config.trainer.get("default_root_dir") or "runs") / _recipe_name(config)
             self._run_dir = experiment / f"version_{_next_version(experiment)}"
             init_args = None
@@ -348,6 +358,7 @@ class CifarCLI(CLIInternals):
                 init_args.version = run_dir.name
             else:
                 self._run_dir = run_dir
+                resume_logger_runs(logger, run_dir)  # the same MLflow run, the same W&B run
             self._new_run_folder = False
             # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
@@ -369,6 +380,10 @@ class CifarCLI(CLIInternals):
             raise UserError(f"Invalid trainer settings: {err}") from err
         if not trainer.loggers:
             _without_logger_callbacks(trainer)
+        elif getattr(self, "_run_dir", None) is not None:
+            _into_program_run_folder(trainer, self._run_dir)
+            if not self._new_run_folder:
+                keep_logged_params(trainer)
         if not getattr(self, "_new_run_folder", True):
             _keep_csv_rows(trainer)
         return trainer
@@ -441,7 +456,7 @@ def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> 
 
 # What a command writes into its new version folder before it does any work (RunFolderLock, SaveConfigSafely,
 # the loggers' hyper-parameters).
-UNUSED_RUN_FILES = {".lock", "config.yaml", "hparams.yaml"}
+UNUSED_RUN_FILES = {".lock", "config.yaml", "hparams.yaml", RUN_RECORD}
 # Callbacks that only write to a logger (Lightning's raise an error without one).
 NEEDS_LOGGER = (LearningRateMonitor, DeviceStatsMonitor, HParamsSummary)
 
@@ -453,6 +468,19 @@ def _without_logger_callbacks(trainer: Trainer) -> None:
         trainer.callbacks = [callback for callback in trainer.callbacks if callback not in aside]
         names = sorted({type(callback).__name__ for callback in aside})
         rank_zero_info(f"No logger (trainer.logger false): {', '.join(names)} {'step' if len(names) > 1 else 'steps'} aside (they only write to a logger).")
+
+
+def _into_program_run_folder(trainer: Trainer, run_dir: Path) -> None:
+    """Send what a Trainer whose loggers keep no version folder (MLflow, W&B) writes into the program's run
+    folder: ``config.yaml``, the lock, reports and predictions (``trainer.log_dir``), checkpoints (Lightning
+    would put them under the tracking store), and the record of the loggers' runs."""
+    if isinstance(trainer, RunFolderTrainer):
+        trainer.program_run_dir = str(run_dir)
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None) is None:
+            callback.dirpath = os.path.realpath(run_dir / "checkpoints")
+    if any(type(logger).__name__ in RUN_IDS for logger in trainer.loggers):
+        trainer.callbacks.extend([LoggerRunRecord(run_dir), RunSettings(run_dir.parent.name)])
 
 
 def _keep_csv_rows(trainer: Trainer) -> None:
@@ -513,7 +541,7 @@ def _next_version(experiment: Path) -> int:
 
 def _experiment_dir(logger: Any) -> Path | None:
     """``<save_dir>/<name>`` of a TensorBoard or CSV logger config, else ``None``."""
-    if not isinstance(logger, Namespace) or logger.get("class_path") not in VERSIONED_LOGGERS:
+    if not isinstance(logger, Namespace) or not owns_its_folder(logger):
         return None
     init_args = logger.get("init_args") or Namespace()
     name = init_args.get("name", "lightning_logs")
@@ -526,6 +554,7 @@ def run(args: ArgsType = None) -> LightningCLI:
     return CifarCLI(
         model_class=ImageClassifier,
         datamodule_class=CIFAR100DataModule,
+        trainer_class=RunFolderTrainer,
         subclass_mode_model=True,
         seed_everything_default=0,
         save_config_callback=SaveConfigSafely,
@@ -589,6 +618,8 @@ def _user_message(err: BaseException | None) -> str | None:
     while err is not None and id(err) not in seen:
         if isinstance(err, UserError):
             return str(err)
+        if logger_message(err) is not None:
+            return logger_message(err)
         if isinstance(err, OSError) and os_error is None and err.filename:
             os_error = err
         seen.add(id(err))

@@ -1,20 +1,25 @@
 """Drawing figures off the training thread, and delivering each finished one to where it goes.
 
-A figure is delivered as ``(tag, figure, step)`` to a :data:`FigureSink`; TensorBoard's is
-:class:`TensorBoardFigures`. Another sink (a PNG folder, another logger) is one more callable.
+A figure is delivered as ``(tag, figure, step)`` to a :data:`FigureSink`: :class:`TensorBoardFigures`,
+:class:`MLflowFigures`, :class:`WandbFigures` and :class:`PNGFigures` (files in the run folder), chosen by
+:func:`figure_sinks`.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lightning.pytorch import Trainer
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 # Where a finished figure goes: called with its tag, the figure and the global step it belongs to.
 FigureSink = Callable[[str, Figure, int], None]
@@ -35,6 +40,60 @@ class TensorBoardFigures:
 
     def __call__(self, tag: str, figure: Figure, step: int) -> None:
         self.writer.add_image(tag, render(figure), global_step=step, dataformats="HWC")
+
+
+class MLflowFigures:
+    """Delivers figures to an MLflow run as artifacts, ``<tag>/step_<step>.png`` (``MlflowClient.log_figure``)."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def __call__(self, tag: str, figure: Figure, step: int) -> None:
+        self.logger.experiment.log_figure(self.logger.run_id, figure, f"{tag}/step_{step}.png")
+
+
+class WandbFigures:
+    """Delivers figures to a W&B run as ``wandb.Image``s under their tag, at ``trainer/global_step`` ``step``."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def __call__(self, tag: str, figure: Figure, step: int) -> None:
+        self.logger.log_image(key=tag, images=[render(figure)], step=step)
+
+
+class PNGFigures:
+    """Writes figures as PNG files, ``<folder>/<tag>/step_<step>.png``, the pixels TensorBoard shows."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, tag: str, figure: Figure, step: int) -> None:
+        path = self.folder / tag / f"step_{step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")  # a kill mid-write leaves no broken PNG under the name
+        Image.fromarray(render(figure)).save(partial, format="PNG")
+        os.replace(partial, path)
+
+
+# The loggers that take images, by class name (no import of the optional packages), and their sinks.
+IMAGE_LOGGERS: dict[str, Callable[[Any], FigureSink]] = {
+    "TensorBoardLogger": lambda logger: TensorBoardFigures(logger.experiment),
+    "MLFlowLogger": MLflowFigures,
+    "WandbLogger": WandbFigures,
+}
+FIGURES_FOLDER = "figures"
+
+
+def figure_sinks(trainer: Trainer) -> list[FigureSink]:
+    """Where finished figures go (rank 0 only; no broadcast): every logger of the trainer that takes images,
+    and PNG files in the run folder's ``figures/``, so that a run without such a logger has them too."""
+    if not trainer.is_global_zero:
+        return []
+    sinks = [IMAGE_LOGGERS[type(lg).__name__](lg) for lg in trainer.loggers if type(lg).__name__ in IMAGE_LOGGERS]
+    # The run folder: TensorBoard's and CSV's version folder, else the program's (the Trainer's default_root_dir).
+    folder = trainer.loggers[0].log_dir if trainer.loggers and trainer.loggers[0].log_dir else trainer.default_root_dir
+    return [*sinks, PNGFigures(Path(folder) / FIGURES_FOLDER)]
 
 
 def deliver(figures: Sequence[tuple[str, Figure]], step: int, sinks: Sequence[FigureSink]) -> None:
