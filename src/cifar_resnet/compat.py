@@ -2,7 +2,7 @@
 
 Each entry says which version it was written against and what it works around, so that an upgrade is
 checked here first (``make test-latest`` runs the suite against the newest Lightning release). Written
-against Lightning 2.6.6 and torch 2.14. Everything else in the program uses public APIs only.
+against Lightning 2.6.6, torchmetrics 1.x and torch 2.14. Everything else in the program uses public APIs only.
 """
 
 from __future__ import annotations
@@ -137,6 +137,22 @@ class WeightAveragingState(WeightAveraging):
     @latest_update_epoch.setter
     def latest_update_epoch(self, epoch: int) -> None:
         self._latest_update_epoch = epoch
+
+
+def logged_hyperparameters(params: Any) -> dict[str, Any]:
+    """``params`` flattened (``a/b`` keys) and converted as Lightning 2.6's loggers do before they log them
+    (``MLFlowLogger.log_hyperparams``), so that what a logger holds can be compared with them."""
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+
+    return _flatten_dict(_convert_params(params))
+
+
+def multiclass_predictions_and_targets(preds: Tensor, target: Tensor, ignore_index: int | None) -> tuple[Tensor, Tensor]:
+    """Logits or class indices and targets in the form torchmetrics 1.x counts them in a multiclass confusion
+    matrix (its formatting step, which it keeps private)."""
+    from torchmetrics.functional.classification.confusion_matrix import _multiclass_confusion_matrix_format
+
+    return _multiclass_confusion_matrix_format(preds, target, ignore_index)
 
 
 # ---- torch -------------------------------------------------------------------------------------

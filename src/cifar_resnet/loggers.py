@@ -16,11 +16,11 @@ from typing import Any
 
 from jsonargparse import Namespace
 # Private, but what MLFlowLogger.log_hyperparams itself uses: the parameters are compared as MLflow got them.
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cifar_resnet.checkpointing import atomic_write
+from cifar_resnet.compat import logged_hyperparameters
 
 # Loggers whose folders are <save_dir>/<name>/<version>/ and whose ``version`` may be a folder name.
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -81,7 +81,7 @@ def _unchanged_params_only(logger: Any, log: Any) -> Any:
         if rank_zero_only.rank != 0:
             return
         # Flattened and cut to 250 characters as Lightning's MLFlowLogger.log_hyperparams does.
-        flat = _flatten_dict(_convert_params(params))
+        flat = logged_hyperparameters(params)
         logged = logger.experiment.get_run(logger.run_id).data.params
         changed = sorted(k for k, v in flat.items() if k in logged and logged[k] != str(v)[:250])
         if changed:

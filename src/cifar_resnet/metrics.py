@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
-from torchmetrics.functional.classification.confusion_matrix import _multiclass_confusion_matrix_format
+
+from cifar_resnet.compat import multiclass_predictions_and_targets
 
 
 class ConfusionMatrix(MulticlassConfusionMatrix):
@@ -19,6 +20,6 @@ class ConfusionMatrix(MulticlassConfusionMatrix):
         if self.validate_args:
             super().update(preds, target)
             return
-        preds, target = _multiclass_confusion_matrix_format(preds, target, self.ignore_index)
+        preds, target = multiclass_predictions_and_targets(preds, target, self.ignore_index)
         cells = target.long() * self.num_classes + preds.long()
         self.confmat.view(-1).scatter_add_(0, cells, cells.new_ones(cells.shape))
