@@ -106,6 +106,13 @@ def test_stopped_run_resumes_to_the_same_weights(cifar_dir: Path, uninterrupted:
         assert scalars[tag] == {step: values[step] for step in scalars[tag]}, tag
         assert {step for step in values if step > killed_at["global_step"]} <= scalars[tag].keys(), tag
     assert list(reference["train/lr"].values()) == pytest.approx([1e-3, 1e-3, 1e-4])
+    # The run's clock goes on from the checkpoint's time: the resumed epochs come after the first one.
+    logged = read_scalars(run_dir)
+    elapsed, epoch_times = dict(logged["time/elapsed_s"]), dict(logged["train/epoch_time"])
+    before = killed_at["callbacks"]["SpeedMonitor"]["elapsed_s"]
+    after = [step for step in elapsed if step > killed_at["global_step"]]
+    assert before > 0 and after
+    assert all(elapsed[step] >= before + epoch_times[step] for step in after), (before, elapsed, epoch_times)
 
 
 @pytest.mark.slow

@@ -42,7 +42,8 @@ class SpeedMonitor(Callback):
     Each epoch: ``train/epoch_time`` (s) and ``train/images_per_sec`` (all devices together), and in
     the progress bar the running images/s of the epoch and the training loss. After each validation
     epoch (not the sanity check): ``time/elapsed_s``, wall seconds since the fit started, at the same
-    step as ``val/top1``, so accuracy can be plotted against time. Once: ``time/warmup_s``, the wall
+    step as ``val/top1``, so accuracy can be plotted against time; a resumed run's clock goes on from
+    where its checkpoint left it (the checkpoint keeps it), so a run stopped and resumed reads as one. Once: ``time/warmup_s``, the wall
     seconds of the first training step plus the first validation batch, which is what compiling and
     cuDNN autotuning cost (fit time without them = last ``time/elapsed_s`` - ``time/warmup_s``). At
     the end of the fit, on CUDA: ``gpu/peak_memory_gib``. The clocks wait for the device only at
@@ -53,6 +54,7 @@ class SpeedMonitor(Callback):
         self._start = 0.0
         self._images = 0
         self._fit_start = 0.0
+        self._earlier_s = 0.0  # fit time of the commands before this one, for a resumed run
         self._warmup: dict[str, float] = {}
         self._batch_start: float | None = None
 
@@ -68,6 +70,15 @@ class SpeedMonitor(Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._warmup, self._batch_start = {}, None
         self._fit_start = self._now(pl_module)
+
+    def state_dict(self) -> dict[str, float]:
+        """The run's fit time so far (saved in checkpoints)."""
+        running = time.perf_counter() - self._fit_start if self._fit_start else 0.0
+        return {"elapsed_s": self._earlier_s + running}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        """Go on from a checkpoint's fit time (checkpoints are restored before ``on_fit_start``)."""
+        self._earlier_s = float(state_dict.get("elapsed_s", 0.0))
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start, self._images = self._now(pl_module), 0
@@ -110,7 +121,7 @@ class SpeedMonitor(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            pl_module.log("time/elapsed_s", self._now(pl_module) - self._fit_start, sync_dist=True, reduce_fx="max")
+            pl_module.log("time/elapsed_s", self._earlier_s + self._now(pl_module) - self._fit_start, sync_dist=True, reduce_fx="max")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
