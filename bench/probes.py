@@ -42,9 +42,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cifar_resnet.callbacks import StopChildProcessesOnError  # noqa: E402
-from cifar_resnet.cli import CifarCLI, silence_known_warnings  # noqa: E402
-from cifar_resnet.classifier import ImageClassifier  # noqa: E402
+from cifar_resnet.cli import CifarCLI, run, silence_known_warnings  # noqa: E402
 from cifar_resnet.data import CIFAR100DataModule  # noqa: E402
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -203,17 +201,11 @@ def union_length(intervals: list[tuple[int, int]]) -> int:
 
 
 def build(config: Path, overrides: list[str], callbacks: list[Callback]) -> CifarCLI:
-    """Model, DataModule and Trainer exactly as ``cifar-resnet fit --config ...`` builds them (not run)."""
-    return CifarCLI(
-        model_class=ImageClassifier,
-        datamodule_class=CIFAR100DataModule,
-        subclass_mode_model=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [StopChildProcessesOnError(), *callbacks]},
-        run=False,
-        args=["--config", str(config), *overrides],
-    )
+    """Model, DataModule and Trainer exactly as ``cifar-resnet fit --config ...`` builds them (not run),
+    with ``callbacks`` added to the Trainer's."""
+    cli = run(["--config", str(config), *overrides], subcommand=False)
+    cli.trainer.callbacks.extend(callbacks)
+    return cli
 
 
 def lightning_steps(config: Path, overrides: list[str], windows: Windows, device: torch.device) -> dict[str, Any]:

@@ -548,8 +548,12 @@ def _experiment_dir(logger: Any) -> Path | None:
     return Path(init_args.get("save_dir") or ".") / (name or "")
 
 
-def run(args: ArgsType = None) -> LightningCLI:
-    """Run ``fit``, ``validate``, ``test`` or ``predict`` as the config and arguments say; returns the CLI."""
+def run(args: ArgsType = None, subcommand: bool = True) -> LightningCLI:
+    """Run ``fit``, ``validate``, ``test`` or ``predict`` as the config and arguments say; returns the CLI.
+
+    With ``subcommand`` false, ``args`` are a ``fit``'s settings without the subcommand, and the model,
+    DataModule and Trainer are built exactly as the command builds them, but not run (benchmarks use it).
+    """
     silence_known_warnings()
     return CifarCLI(
         model_class=ImageClassifier,
@@ -568,6 +572,7 @@ def run(args: ArgsType = None) -> LightningCLI:
             **{name: {"description": text + RECIPES} for name, text in SUBCOMMANDS.items()},
         },
         args=args,
+        run=subcommand,
     )
 
 
