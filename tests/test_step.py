@@ -264,7 +264,44 @@ def test_a_restored_checkpoint_drops_the_captured_graph(tmp_path: Path) -> None:
     the module's step then records its graph anew instead of replaying one that reads stale buffers."""
     model = ScratchResNet()
     step = TrainStep(lambda images, labels: images.sum(), capture=True)
-    step._graph, step._eager_calls = object(), 3  # as after a capture
+    step._graphs[(2, 3, 32, 32)] = (object(), (torch.zeros(2, 3, 32, 32), torch.zeros(2)), torch.zeros(()))  # as after a capture
+    step._eager_calls[(2, 3, 32, 32)] = 3
     model._train_step = step
     model.on_load_checkpoint({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)})
-    assert not step.captured and step._eager_calls == 0
+    assert not step.captured and not step._eager_calls
+
+
+class FakeGraphStep(TrainStep):
+    """``TrainStep``'s control flow on a CPU: recording keeps the inputs' buffers and runs nothing (as CUDA's
+    capture does); a replay runs the step on whatever those buffers hold then."""
+
+    def _on_side_stream(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.step(images, labels)
+
+    def _record(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[Any, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        inputs, loss = (images.clone(), labels.clone()), torch.zeros(())
+
+        class Graph:
+            def replay(graph) -> None:
+                loss.copy_(self.step(*inputs))
+
+        return Graph(), inputs, loss
+
+
+def test_a_captured_step_trains_on_every_batch_once_and_a_graph_per_shape() -> None:
+    seen: list[int] = []
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.extend(labels.tolist())
+        return images.sum()
+
+    graphed = FakeGraphStep(step, capture=True, warmup_steps=2)
+    shapes = [4, 4, 4, 4, 2, 4, 2, 2, 4, 2]  # an epoch's last, smaller batch now and then
+    expected, losses = [], []
+    for index, size in enumerate(shapes):
+        labels = torch.arange(size) + 100 * index
+        expected += labels.tolist()
+        losses.append(float(graphed(torch.full((size, 3), float(index)), labels)))
+    assert seen == expected, "each batch trained on once, in order: the capturing call replays, warm-up steps count"
+    assert losses == [3.0 * size * index for index, size in enumerate(shapes)], "each loss is its own batch's"
+    assert sorted(graphed._graphs) == [(2, 3), (4, 3)] and graphed.captured

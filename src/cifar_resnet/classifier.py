@@ -295,7 +295,6 @@ class ImageClassifier(LightningModule, ABC):
             count_correct(counts, logits.detach(), labels)
             return loss.detach()
 
-
         self._train_step = TrainStep(step, capture=self._capture)
 
     def _capture_autocast(self) -> Any:

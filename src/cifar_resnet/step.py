@@ -14,15 +14,16 @@ StepFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 class TrainStep:
-    """Runs ``step(images, labels) -> loss`` eagerly, or, with ``capture``, as one CUDA graph.
+    """Runs ``step(images, labels) -> loss`` eagerly, or, with ``capture``, as one CUDA graph per batch shape.
 
-    A captured step is recorded once after ``warmup_steps`` eager steps on a side stream (which
-    allocate the optimizer state and let cuDNN choose its kernels), and replayed for every later
-    batch: the batch is copied into the graph's input buffers and the whole step (augmentation,
-    forward, loss, backward, clipping, optimizer, EMA, metric counts) is one launch. Capturing does
-    not run the work, so the capturing call replays too: every batch is trained on exactly once.
-    Everything the graph reads lives at fixed addresses; :meth:`reset` drops the graph when they
-    may have moved (a checkpoint restored into a new optimizer, say), and the next call records anew.
+    A shape's graph is recorded after ``warmup_steps`` eager steps of that shape on a side stream (which
+    allocate the optimizer state and let cuDNN choose its kernels), and replayed for every later batch of
+    that shape: the batch is copied into the graph's input buffers and the whole step (augmentation,
+    forward, loss, backward, clipping, optimizer, EMA, metric counts) is one launch. Capturing does not
+    run the work, so the capturing call replays too: every batch is trained on exactly once. An epoch's
+    last, smaller batch (without ``drop_last``) gets its own graph once it has been seen that often.
+    Everything a graph reads lives at fixed addresses; :meth:`reset` drops the graphs when they may have
+    moved (a checkpoint restored into a new optimizer, say), and the next calls record anew.
     """
 
     def __init__(self, step: StepFunction, capture: bool = False, warmup_steps: int = 3) -> None:
@@ -32,30 +33,30 @@ class TrainStep:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the graph; the next steps warm up and record it again."""
-        self._graph: Any = None
-        self._inputs: tuple[Tensor, Tensor] | None = None
-        self._loss: Tensor | None = None
-        self._eager_calls = 0
+        """Forget the graphs; the next steps warm up and record them again."""
+        self._graphs: dict[tuple[int, ...], tuple[Any, tuple[Tensor, Tensor], Tensor]] = {}
+        self._eager_calls: dict[tuple[int, ...], int] = {}
 
     @property
     def captured(self) -> bool:
         """Whether a graph has been recorded and is replayed."""
-        return self._graph is not None
+        return bool(self._graphs)
 
     def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
         """One training step on this batch; returns its loss (the graph's output buffer once captured)."""
         if not self.capture:
             return self.step(images, labels)
-        if self._graph is None and self._eager_calls < self.warmup_steps:
-            self._eager_calls += 1
-            return self._on_side_stream(images, labels)
-        if self._graph is None or self._inputs is None or self._inputs[0].shape != images.shape:
-            self._record(images, labels)
-        self._inputs[0].copy_(images)
-        self._inputs[1].copy_(labels)
-        self._graph.replay()
-        return self._loss
+        shape = tuple(images.shape)
+        if shape not in self._graphs:
+            if self._eager_calls.get(shape, 0) < self.warmup_steps:
+                self._eager_calls[shape] = self._eager_calls.get(shape, 0) + 1
+                return self._on_side_stream(images, labels)
+            self._graphs[shape] = self._record(images, labels)
+        graph, (static_images, static_labels), loss = self._graphs[shape]
+        static_images.copy_(images)
+        static_labels.copy_(labels)
+        graph.replay()
+        return loss
 
     # The only CUDA-specific lines: warm-up on a side stream, recording, replay (above).
     def _on_side_stream(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -66,12 +67,12 @@ class TrainStep:
         torch.cuda.current_stream().wait_stream(stream)
         return loss
 
-    def _record(self, images: Tensor, labels: Tensor) -> None:
-        self._inputs = (images.clone(), labels.clone())
+    def _record(self, images: Tensor, labels: Tensor) -> tuple[Any, tuple[Tensor, Tensor], Tensor]:
+        inputs = (images.clone(), labels.clone())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._loss = self.step(*self._inputs)
-        self._graph = graph
+            loss = self.step(*inputs)
+        return graph, inputs, loss
 
 
 def prepare_for_capture(optimizer: Optimizer, device: torch.device) -> None:
