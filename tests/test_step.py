@@ -305,3 +305,22 @@ def test_a_captured_step_trains_on_every_batch_once_and_a_graph_per_shape() -> N
     assert seen == expected, "each batch trained on once, in order: the capturing call replays, warm-up steps count"
     assert losses == [3.0 * size * index for index, size in enumerate(shapes)], "each loss is its own batch's"
     assert sorted(graphed._graphs) == [(2, 3), (4, 3)] and graphed.captured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--trainer.accumulate_grad_batches", "2"], "cuda_graph: gradient accumulation needs Lightning's optimizer loop"),
+        (["--trainer.callbacks+=faults.ZeroGradients"], "cuda_graph: ZeroGradients run per-step optimizer hooks"),
+    ],
+)
+def test_where_the_own_step_cannot_run_one_line_says_why(extra: list[str], reason: str, cifar_dir: Path, tmp_path: Path) -> None:
+    """Never silently: Lightning's step runs instead, and the run says so."""
+    proc = run_cli(*fit_args("scratch.yaml", cifar_dir, tmp_path, "--model.init_args.cuda_graph", "true", *extra),
+                   cwd=tmp_path, env=env_with_tests())  # fmt: skip
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("cuda_graph:")]
+    assert len(said) == 1 and said[0].startswith(reason) and said[0].endswith("so training steps run as Lightning's automatic optimization.")
+    (last,) = tmp_path.glob("*/version_0/checkpoints/last.ckpt")
+    # Two epochs of 3 batches: 6 optimizer steps, or 2 an epoch when every 2 batches make one (the last alone).
+    assert torch.load(last, weights_only=True)["global_step"] == (4 if "accumulate" in reason else 6)
