@@ -323,4 +323,4 @@ def test_where_the_own_step_cannot_run_one_line_says_why(extra: list[str], reaso
     assert len(said) == 1 and said[0].startswith(reason) and said[0].endswith("so training steps run as Lightning's automatic optimization.")
     (last,) = tmp_path.glob("*/version_0/checkpoints/last.ckpt")
     # Two epochs of 3 batches: 6 optimizer steps, or 2 an epoch when every 2 batches make one (the last alone).
-    assert torch.load(last, weights_only=True)["global_step"] == (4 if "accumulate" in reason else 6)
+    assert torch.load(last, weights_only=True)["global_step"] == (4 if "accumulation" in reason else 6)
