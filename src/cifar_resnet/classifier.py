@@ -111,6 +111,7 @@ class ImageClassifier(LightningModule, ABC):
         self.test_metrics = metrics.clone(prefix="test/")
         self._fast_path_ready = False
         self._capture = False
+        self._configured_settings: list[dict[str, Any]] | None = None  # the optimizer's, before a capture changes them
         self._train_step: TrainStep | None = None
         self._train_counts: Tensor | None = None  # top-1 and top-5 hits, on the device
         self._train_seen = 0  # training images this epoch
@@ -363,8 +364,8 @@ class ImageClassifier(LightningModule, ABC):
         """Stamp the checkpoint with its layout's version; write the optimizer state as the configured optimizer
         would, whatever a captured step changed (learning rates as numbers, ``capturable``/``fused`` as set)."""
         stamp_schema(checkpoint)
-        settings = getattr(self, "_configured_settings", None)
-        if self._capture and settings is not None:
+        if self._capture and self._configured_settings is not None:
+            settings = self._configured_settings
             checkpoint["optimizer_states"] = [portable_optimizer_state(s, settings) for s in checkpoint.get("optimizer_states", [])]
 
     @property
