@@ -6,10 +6,8 @@ from __future__ import annotations
 import errno
 import inspect
 import os
-import pickle
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from cifar_resnet.errors import UserError
+from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors
 from cifar_resnet.models.state_dicts import state_dict_mismatch
 
 LAST = "last.ckpt"
@@ -78,18 +77,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     if not path.is_file():
         raise UserError(f"Checkpoint '{path}' not found. Check `--ckpt_path` (or use `--ckpt_path last`).")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except pickle.UnpicklingError as err:
-        refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
-        if not refused:  # not a pickle of ours at all: random bytes, another format
-            raise UserError(f"Cannot read checkpoint '{path}': the file is truncated or corrupt (not a checkpoint).") from err
+        checkpoint = load_tensors(path, map_location=map_location, weights_only=weights_only)
+    except UnsafeFile as err:
         raise UserError(
             f"Refusing to load checkpoint '{path}': it holds objects other than tensors and plain values, which "
-            f"could run code when loaded ({refused[0]}). Only load checkpoints this program wrote."
+            f"could run code when loaded ({err}). Only load checkpoints this program wrote."
         ) from err
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+    except UnreadableFile as err:
         raise UserError(
-            f"Cannot read checkpoint '{path}': the file is truncated or corrupt ({_first_line(err)}). Resume from "
+            f"Cannot read checkpoint '{path}': the file is truncated or corrupt ({err}). Resume from "
             "another checkpoint of the run (the best one, or an earlier copy), or start again."
         ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
@@ -157,12 +153,6 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], p
             f"The checkpoint{name} holds the weights of {kind or 'another model'}, which do not fit "
             f"{type(module).__name__} ({details}). {fix}"
         )
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (torch's pickle errors run to a page)."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
 from cifar_resnet.errors import UserError
+from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors
 from cifar_resnet.models.state_dicts import state_dict_mismatch
 
 
@@ -51,8 +51,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"({ResNet18_Weights.IMAGENET1K_V1.url}) or fix `weights_path`."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
+        state = load_tensors(path)
+    except (UnreadableFile, UnsafeFile) as err:
         raise UserError(
             f"Cannot read weights file '{path}': it is truncated, corrupt or not a plain state dict ({err}). "
             "Save it with `torch.save(model.state_dict(), path)` or download it again."
