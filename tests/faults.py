@@ -62,8 +62,7 @@ class HangOnRank(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            while True:
-                time.sleep(1)
+            threading.Event().wait()  # never set
 
 
 class SlowDown(Callback):
@@ -376,17 +375,19 @@ class CountEvalWaits(Callback):
 
 
 class HungClassFigures(ClassFigures):
-    """ClassFigures whose drawings never finish: each writes ``<marker>`` and then blocks forever."""
+    """ClassFigures whose drawings never finish: the first reports its tag through the FIFO ``fifo``
+    (:func:`pause_point`; the test's event, read by :func:`wait_until_paused`), then every one blocks forever."""
 
-    def __init__(self, marker: str, **kwargs: Any) -> None:
+    def __init__(self, fifo: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.marker = marker
+        self.fifo = fifo
 
     def sinks(self, trainer: Trainer) -> list[Any]:
         def hang(tag: str, figure: Any, step: int) -> None:
-            Path(self.marker).write_text(tag)
-            while True:
-                time.sleep(1)
+            if os.path.exists(self.fifo):
+                with open(self.fifo, "w") as fifo:  # blocks until the test is listening
+                    fifo.write(f"drawing {tag} at step {step}\n")
+            threading.Event().wait()  # never set
 
         return [hang]
 

@@ -26,7 +26,7 @@ from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
 from cli_process import CliProcess
 from conftest import CONFIGS, env_with_tests, read_scalars, tiny_args, without_figures
-from faults import FullDiskCheckpointIO
+from faults import FullDiskCheckpointIO, pause_point, wait_until_paused
 
 
 def logged_images(run_dir: Path, tag: str) -> list[tuple[int, tuple[int, int]]]:
@@ -159,16 +159,13 @@ def test_the_confusion_matrix_counts_as_torchmetrics_does() -> None:
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_fit_does_not_wait_for_drawings(cifar_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
-    marker = tmp_path / "drawing"
+    fifo = pause_point(tmp_path)
     args = ["fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "3",
-            "--trainer.callbacks+=faults.HungClassFigures", "--trainer.callbacks.marker", str(marker),
+            "--trainer.callbacks+=faults.HungClassFigures", "--trainer.callbacks.fifo", str(fifo),
             "--trainer.callbacks+=faults.SlowDown", "--trainer.callbacks.seconds", "0.5"]  # fmt: skip
     proc = CliProcess(args, tmp_path, env_with_tests())
     try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), f"no drawing started (exit code {proc.poll()})"
+        assert wait_until_paused(fifo, proc, timeout=240).startswith("drawing val/")
         proc.send_signal(stop)
         stderr = proc.communicate(timeout=60)[1]  # a drawing that never ends must not hold the command
     finally:

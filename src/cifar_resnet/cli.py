@@ -26,16 +26,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from cifar_resnet import __version__
 from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
-from cifar_resnet.checkpointing import (
-    WRITE_ERRORS,
-    LastCheckpoint,
-    RandomStates,
-    atomic_write,
-    find_last_checkpoint,
-    newest_checkpoint,
-    wait_for_checkpoints,
-    write_error_message,
-)
+from cifar_resnet.atomic import WRITE_ERRORS, atomic_write, write_error_message
+from cifar_resnet.checkpointing import LastCheckpoint, RandomStates, find_last_checkpoint, newest_checkpoint, wait_for_checkpoints
 from cifar_resnet.classifier import ImageClassifier
 from cifar_resnet.compat import CLIInternals
 from cifar_resnet.data import CIFAR100DataModule

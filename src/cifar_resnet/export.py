@@ -16,7 +16,8 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.checkpointing import atomic_write_text, network_settings, read_checkpoint, setting_defaults
+from cifar_resnet.atomic import atomic_write_text
+from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError

@@ -19,7 +19,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from cifar_resnet.checkpointing import atomic_write
+from cifar_resnet.atomic import atomic_write
 from cifar_resnet.compat import logged_hyperparameters
 
 # Loggers whose folders are <save_dir>/<name>/<version>/ and whose ``version`` may be a folder name.

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cifar_resnet.checkpointing import atomic_write
+from cifar_resnet.atomic import atomic_write
 from cifar_resnet.data.images import printable
 from cifar_resnet.errors import UserError
 

@@ -1,0 +1,143 @@
+"""Which checkpoints load: read without running code, from this model class, of a schema this program
+reads, with the config's network settings; a setting added later takes its default."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from cifar_resnet.errors import UserError
+from cifar_resnet.models.state_dicts import state_dict_mismatch
+from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors
+
+# Where a checkpoint says which layout it has. Raise SCHEMA_VERSION when a checkpoint's layout changes in a
+# way older checkpoints need converting for (a setting renamed or removed, a state moved); a setting added
+# with a default that reproduces the old behaviour needs nothing (see :func:`check_checkpoint_fits`).
+SCHEMA_KEY = "cifar_resnet"
+SCHEMA_VERSION = 1
+# The class attribute that lists a model's network settings (see :func:`network_settings`).
+NETWORK_SETTINGS = "network_settings"
+
+
+def stamp_schema(checkpoint: dict[str, Any]) -> None:
+    """Record the checkpoint layout's version and the program's in ``checkpoint``."""
+    from cifar_resnet import __version__
+
+    checkpoint[SCHEMA_KEY] = {"schema": SCHEMA_VERSION, "program_version": __version__}
+
+
+def setting_defaults(cls: type) -> dict[str, Any]:
+    """Every setting of ``cls``'s constructor and the defaults it has there (``inspect.Parameter.empty``
+    for none): the ``__init__`` signatures along the MRO, a subclass's first, followed through ``**kwargs``."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+        for parameter in parameters:
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                defaults.setdefault(parameter.name, parameter.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return defaults
+
+
+def network_settings(cls: type) -> frozenset[str]:
+    """The settings that change what ``cls``'s network is: the union of the ``network_settings`` class
+    attributes along the MRO, declared beside each constructor. A checkpoint loads only where these equal
+    the config's; every other constructor setting may differ (the config's value is used)."""
+    names = frozenset().union(*(vars(klass).get(NETWORK_SETTINGS, ()) for klass in cls.__mro__))
+    unknown = names - setting_defaults(cls).keys()
+    if unknown:
+        raise TypeError(f"{cls.__name__}.{NETWORK_SETTINGS} names {', '.join(sorted(unknown))}, which its constructor does not take.")
+    return names
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``torch.load`` (``weights_only`` by default), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Checkpoint '{path}' not found. Check `--ckpt_path` (or use `--ckpt_path last`).")
+    try:
+        checkpoint = load_tensors(path, map_location=map_location, weights_only=weights_only)
+    except UnsafeFile as err:
+        raise UserError(
+            f"Refusing to load checkpoint '{path}': it holds objects other than tensors and plain values, which "
+            f"could run code when loaded ({err}). Only load checkpoints this program wrote."
+        ) from err
+    except UnreadableFile as err:
+        raise UserError(
+            f"Cannot read checkpoint '{path}': the file is truncated or corrupt ({err}). Resume from "
+            "another checkpoint of the run (the best one, or an earlier copy), or start again."
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise UserError(
+            f"'{path}' is not a Lightning checkpoint of this program (it has no 'state_dict'; a bare state dict "
+            "or weights file is not enough). Pass a checkpoint from a run's checkpoints/ folder."
+        )
+    return checkpoint
+
+
+def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], path: str | None = None) -> None:
+    """Refuse, with one clear paragraph, a checkpoint of another model class, of a newer program, of other
+    network settings than the config's (:func:`network_settings`: ``num_classes``, ``dropout``, ...), or with
+    other weight shapes.
+
+    Every other setting may differ: the config's value is used. A checkpoint written before a setting
+    existed was trained as that setting's default says (a new setting's default reproduces the old
+    behaviour); the default is filled into its ``hyper_parameters``, and one line says so.
+    """
+    name = f" '{path}'" if path else ""
+    fix = "Use the config the checkpoint was trained with (config.yaml in its run folder)."
+    stamp = checkpoint.get(SCHEMA_KEY) or {}
+    schema = stamp.get("schema", 0)
+    if schema > SCHEMA_VERSION:
+        raise UserError(
+            f"The checkpoint{name} was written by a newer cifar-resnet ({stamp.get('program_version', 'unknown')}, checkpoint "
+            f"schema {schema}; this one reads up to {SCHEMA_VERSION}). Upgrade cifar-resnet to load it."
+        )
+    trained = checkpoint.setdefault("hyper_parameters", {})
+    kind = str(trained.get("_class_path", "")).rsplit(".", 1)[-1]
+    if kind and kind != type(module).__name__:
+        raise UserError(
+            f"The checkpoint{name} holds a {kind}, but the config asks for a {type(module).__name__}. {fix[:-1]}, "
+            "or the recipe in configs/ for that model."
+        )
+    theirs = {k: v for k, v in trained.items() if not k.startswith("_")}
+    ours = {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+    unknown = sorted(theirs.keys() - ours.keys())
+    if theirs and unknown:
+        raise UserError(
+            f"The checkpoint{name} was written by another version of this program: settings unknown here: "
+            f"{', '.join(unknown)}. Load it with the version of cifar-resnet that wrote it."
+        )
+    missing = sorted(ours.keys() - theirs.keys()) if theirs else []
+    if missing:
+        defaults = setting_defaults(type(module))
+        filled = {k: defaults[k] for k in missing if defaults.get(k, inspect.Parameter.empty) is not inspect.Parameter.empty}
+        trained.update(filled)
+        theirs.update(filled)
+        rank_zero_info(
+            f"The checkpoint{name} predates the settings {', '.join(missing)} (checkpoint schema {schema}, this program's "
+            f"{SCHEMA_VERSION}); it was trained as their defaults say: {', '.join(f'{k}={v!r}' for k, v in filled.items())}."
+        )
+    differ = sorted(k for k in network_settings(type(module)) if k in theirs and theirs[k] != ours[k])
+    if differ:
+        predates = [k for k in differ if k in missing]
+        raise UserError(
+            f"The checkpoint{name} was trained with {', '.join(f'{k}={theirs[k]!r}' for k in differ)}"
+            + (f" (the default of {', '.join(predates)}: it predates the setting)" if predates else "")
+            + f", but the config says {', '.join(f'{k}={ours[k]!r}' for k in differ)}. {fix}"
+        )
+    details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if details:
+        raise UserError(
+            f"The checkpoint{name} holds the weights of {kind or 'another model'}, which do not fit "
+            f"{type(module).__name__} ({details}). {fix}"
+        )
