@@ -261,3 +261,17 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
     linked = {(ROOT / m.group(1).partition("#")[0]).resolve() for m in LINK.finditer(readme)}
     unlinked = [path.name for path in DOCS[1:] if path.resolve() not in linked]
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_every_module_says_where_its_tests_are() -> None:
+    page = (ROOT / "docs" / "development.md").read_text()
+    section = page.split("### Where the tests of each module are", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("| `")]
+    named = {name for code, _ in rows for name in re.findall(r"`([^`]+)`", code)}
+    package = ROOT / "src" / "cifar_resnet"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")}
+    assert not modules - named, f"modules not in docs/development.md's test table: {sorted(modules - named)}"
+    gone = sorted(name for name in named - modules if not (ROOT / name).exists())
+    assert not gone, f"the test table names code that does not exist: {gone}"
+    tests = {name for _, where in rows for name in re.findall(r"`(tests/[^`]+)`", where)}
+    assert len(tests) >= 20 and not [t for t in tests if not (ROOT / t).is_file()], sorted(t for t in tests if not (ROOT / t).is_file())

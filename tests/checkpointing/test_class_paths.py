@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "tests" / "fixtures").glob("*/config.yaml"))
 
 # Public names of callbacks.py and checkpointing.py before they became packages (a module per job).

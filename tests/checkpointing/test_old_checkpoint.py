@@ -19,9 +19,9 @@ from cifar_resnet.checkpointing import SCHEMA_KEY, SCHEMA_VERSION, check_checkpo
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from cli_process import CliProcess
-from conftest import tiny_args
+from conftest import ROOT, tiny_args
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "checkpoint-f2a034b"
+FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint-f2a034b"
 
 
 def unpack_old_run(folder: Path) -> Path:
