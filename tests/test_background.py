@@ -40,6 +40,7 @@ def logged_images(run_dir: Path, tag: str) -> list[tuple[int, tuple[int, int]]]:
     return found
 
 
+@pytest.mark.slow
 def test_figures_drawn_in_the_background_equal_the_foreground_ones(cifar_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "figures.jsonl"
     args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2",
@@ -75,6 +76,7 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_a_background_checkpoint_is_the_state_at_the_end_of_its_epoch(cifar_dir: Path, tmp_path: Path) -> None:
     held = tmp_path / "held"
     args = [*tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
@@ -157,6 +159,7 @@ def test_the_confusion_matrix_counts_as_torchmetrics_does() -> None:
     assert ours.compute().sum() == 150 and torch.equal(ours.compute(), theirs.compute())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_fit_does_not_wait_for_drawings(cifar_dir: Path, tmp_path: Path, stop: signal.Signals) -> None:
     fifo = pause_point(tmp_path)
@@ -188,6 +191,7 @@ print(dict(torch._dynamo.utils.counters["inductor"]))
 """
 
 
+@pytest.mark.slow
 def test_a_second_compile_finds_the_first_ones_cache(tmp_path: Path) -> None:
     folder = tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}

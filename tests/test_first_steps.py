@@ -72,6 +72,7 @@ def test_the_debug_overlay_composes_with_every_recipe(capsys, recipe: str) -> No
     assert debug["trainer"]["callbacks"] == alone["trainer"]["callbacks"]
 
 
+@pytest.mark.slow
 def test_a_recipe_under_the_debug_overlay_trains_on_the_cpu_without_figures(cifar_dir: Path, tmp_path: Path) -> None:
     main(["fit", "--config", str(CONFIGS / "fast.yaml"), "--config", str(CONFIGS / "debug.yaml"), "--data.data_dir", str(cifar_dir),
           "--data.download", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),

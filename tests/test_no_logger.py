@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from cifar_resnet.cli import main
@@ -13,6 +14,7 @@ from conftest import tiny_args, without_figures
 SCRATCH = without_figures("scratch.yaml")
 
 
+@pytest.mark.slow
 def test_every_subcommand_works_without_a_logger(cifar_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "ignored"), "--trainer.logger", "false"]

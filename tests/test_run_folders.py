@@ -17,6 +17,7 @@ def debug_args(cifar_dir: Path, runs: Path, recipe: str = "scratch.yaml") -> lis
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_resumed_csv_log_keeps_its_rows_and_a_failed_command_leaves_no_run(cifar_dir: Path, tmp_path: Path, capsys) -> None:
     args = debug_args(cifar_dir, tmp_path / "runs")
     main(["fit", *args, "--trainer.max_epochs", "1"])

@@ -70,6 +70,7 @@ def export_command(*args: str) -> None:
     export_main(list(args))
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_still_exports(old_run: Path, tmp_path: Path) -> None:
     output = tmp_path / "model.onnx"
     proc = CliProcess([str(old_run), str(output)], tmp_path, target=export_command).finish(timeout=300)
@@ -78,6 +79,7 @@ def test_an_old_checkpoint_still_exports(old_run: Path, tmp_path: Path) -> None:
     assert output.stat().st_size > 1_000_000 and len(info["class_names"]) == 100
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_still_resumes_in_its_own_folder(cifar_dir: Path, tmp_path: Path) -> None:
     last = unpack_old_run(tmp_path)
     run_dir = last.parent.parent
