@@ -10,6 +10,7 @@ import io
 import os
 import pickle
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -26,6 +27,7 @@ from cifar_resnet.cli import main, run
 from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
+from cifar_resnet.export import main as export_main
 from cifar_resnet.models import SeedResNet
 from cli_process import CliProcess
 from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
@@ -142,6 +144,32 @@ def test_a_data_pickle_that_would_run_code_is_refused(cifar_dir: Path, tmp_path:
 def test_bad_config_values(cifar_dir: Path, tmp_path: Path, capsys, override: list[str], expected: str) -> None:
     err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), *override)
     assert expected in err
+
+
+def test_a_config_file_that_is_not_utf8_text_is_named(cifar_dir: Path, tmp_path: Path, capsys) -> None:
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(Path(SCRATCH).read_bytes() + "# réglages de Zoé\n".encode("latin-1"))
+    lines = latin.read_bytes().count(b"\n")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (16 * 2**20 + 1))
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"weight": torch.ones(3)}}, checkpoint)
+    cases = [(["--config", str(latin)], rf"--config '{latin}' is not UTF-8 text \(byte 0xe9 on line {lines}\)"),
+             ([f"--config={checkpoint}"], rf"--config '{checkpoint}' is not UTF-8 text"),
+             (["--config", SCRATCH, "--config", str(big)], rf"--config '{big}' is over 16 MiB: not a YAML config")]  # fmt: skip
+    for args, expected in cases:
+        for subcommand in ("fit", "test"):
+            err = fails(capsys, subcommand, *args, *tiny_args(cifar_dir, tmp_path / "runs"))
+            assert re.search(expected, err), err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--config", str(latin), str(checkpoint), str(tmp_path / "model.onnx")])
+    assert exit_info.value.code == 2 and f"--config '{latin}' is not UTF-8 text" in capsys.readouterr().err
+    # The control: the same settings saved as UTF-8 parse.
+    latin.write_text(latin.read_bytes().decode("latin-1"), encoding="utf-8")
+    with pytest.raises(SystemExit) as printed:
+        main(["fit", "--config", str(latin), *tiny_args(cifar_dir, tmp_path / "runs"), "--print_config"])
+    assert printed.value.code == 0 and "ScratchResNet" in capsys.readouterr().out
 
 
 def test_unknown_key_in_a_config_file_is_one_line_not_a_page_of_usage(cifar_dir: Path, tmp_path: Path) -> None:

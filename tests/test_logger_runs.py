@@ -11,9 +11,11 @@ from typing import Iterator
 
 import pytest
 import torch
+from jsonargparse import Namespace
 
 from cifar_resnet.cli import main
-from cifar_resnet.loggers import RUN_RECORD
+from cifar_resnet.errors import UserError
+from cifar_resnet.loggers import RUN_RECORD, resume_logger_runs
 from cli_process import CliProcess
 from conftest import CONFIGS, env_with_tests, run_cli, tiny_args, without_figures
 from faults import pause_point, wait_until_paused
@@ -189,3 +191,15 @@ def test_figures_reach_mlflow_wandb_and_png_files(cifar_dir: Path, tmp_path: Pat
         (wandb_png,) = (store / "wandb").glob(f"offline-run-*/files/media/images/{tag}_*.png")
         with Image.open(wandb_png) as theirs, Image.open(png / tag / "step_2.png") as ours:
             assert theirs.size == ours.size and theirs.convert("RGB").tobytes() == ours.convert("RGB").tobytes(), tag
+
+
+def test_a_damaged_logger_run_record_is_named_not_a_traceback(tmp_path: Path) -> None:
+    config = Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger", init_args=Namespace())
+    record = tmp_path / RUN_RECORD
+    record.write_text(json.dumps([{"logger": "MLFlowLogger", "id": "abc123"}]))
+    resume_logger_runs(config, tmp_path)  # the control: a good record names the run to continue
+    assert config.init_args.run_id == "abc123"
+    for damage in (b"\xff\xfe garbage", b'[{"logger": "MLFlowLogger"', b'{"a": 1}', b'[{"logger": "MLFlowLogger"}]', b"[3]"):
+        record.write_bytes(damage)
+        with pytest.raises(UserError, match=rf"^'{record}' is damaged .*delete it to log the resumed run as a new one"):
+            resume_logger_runs(Namespace(class_path="lightning.pytorch.loggers.MLFlowLogger", init_args=Namespace()), tmp_path)

@@ -6,6 +6,7 @@ tests feed many seeded payloads and every truncation point of a real file, not o
 from __future__ import annotations
 
 import io
+import os
 import random
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from cifar_resnet.data.archive import safe_unpickle
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
 from cifar_resnet.models.resnet18 import load_imagenet_weights, resnet18_for_cifar
-from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors
+from cifar_resnet.checkpointing import read_checkpoint
+from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors, not_a_file
 
 
 def damaged_payloads(good: bytes, count: int = 400) -> list[bytes]:
@@ -82,3 +84,18 @@ def test_every_damaged_cifar_pickle_is_refused_with_the_source_named() -> None:
             obj = safe_unpickle(payload, "'x'")
             # A flip inside the pixel bytes still unpickles; the split's checks catch the rest.
             raise UserError(f"Cannot read 'x': unpickled {type(obj).__name__}")
+
+
+def test_a_path_that_is_not_a_file_says_what_it_is(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    cases = {tmp_path: "is a folder", Path("/dev/null"): "is not a regular file", fifo: "is not a regular file",
+             tmp_path / "missing.ckpt": "not found"}  # fmt: skip
+    for path, problem in cases.items():
+        assert problem in str(not_a_file(path))
+        with pytest.raises(UserError, match=rf"^Checkpoint '{path}' {problem}.*\. Pass a \.ckpt file"):
+            read_checkpoint(path)  # a FIFO must not block the read
+        with pytest.raises(UserError, match=rf"^Weights file '{path}' {problem}.*resnet18-f37072fd\.pth"):
+            load_imagenet_weights(resnet18_for_cifar(), weights_path=path)
+    torch.save({"a": 1}, tmp_path / "ok.ckpt")
+    assert not_a_file(tmp_path / "ok.ckpt") is None

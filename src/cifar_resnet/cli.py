@@ -25,11 +25,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
-from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.atomic import WRITE_ERRORS, atomic_write, write_error_message
+from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import LastCheckpoint, RandomStates, find_last_checkpoint, newest_checkpoint, wait_for_checkpoints
 from cifar_resnet.classifier import ImageClassifier
 from cifar_resnet.compat import CLIInternals
+from cifar_resnet.config_files import check_config_files
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
@@ -289,6 +290,7 @@ class CifarCLI(CLIInternals):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, let ``deterministic`` win over ``benchmark``, check values Lightning would take badly,
         and decide the run folder."""
+        check_config_files(args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:

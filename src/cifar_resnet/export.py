@@ -19,6 +19,7 @@ from torch import nn
 from cifar_resnet.atomic import atomic_write_text
 from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
+from cifar_resnet.config_files import check_config_files
 from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError
 
@@ -122,6 +123,7 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``cifar-resnet-export``, with mistakes reported as one clear paragraph."""
     try:
+        check_config_files(args)
         path = auto_cli(export, args=args, prog="cifar-resnet-export")
     except UserError as err:
         print(f"cifar-resnet-export: error: {err}", file=sys.stderr)

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from cifar_resnet.atomic import atomic_write
 from cifar_resnet.compat import logged_hyperparameters
+from cifar_resnet.errors import UserError
 
 # Loggers whose folders are <save_dir>/<name>/<version>/ and whose ``version`` may be a folder name.
 VERSIONED_LOGGERS = ("TensorBoardLogger", "CSVLogger")
@@ -53,7 +54,16 @@ def resume_logger_runs(logger: Any, run_dir: Path) -> None:
     path = run_dir / RUN_RECORD
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # not UTF-8, not JSON
+        recorded = err
+    runs = isinstance(recorded, list) and all(e is None or (isinstance(e, dict) and {"logger", "id"} <= e.keys()) for e in recorded)
+    if not runs:
+        raise UserError(
+            f"'{path}' is damaged ({recorded if isinstance(recorded, ValueError) else 'not a list of runs'}): it records "
+            "which MLflow/W&B run this run folder continues. Restore it, or delete it to log the resumed run as a new one."
+        )
     for index, config in enumerate(logger_configs(logger)):
         name = class_name(config)
         entry = recorded[index] if index < len(recorded) else None

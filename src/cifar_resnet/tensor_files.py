@@ -19,6 +19,17 @@ class UnsafeFile(Exception):
     """The file holds objects other than tensors and plain values: loading it could run code."""
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file ("not found", "is a folder", ...), or ``None`` when it can be."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a folder, not a file"
+    if path.exists():
+        return "is not a regular file (a device, pipe or socket)"
+    return "not found"
+
+
 def load_tensors(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> Any:
     """``torch.load`` (``weights_only`` by default), raising :class:`UnsafeFile` or :class:`UnreadableFile`."""
     try:

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from cifar_resnet.errors import UserError
 from cifar_resnet.models.state_dicts import state_dict_mismatch
-from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors
+from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors, not_a_file
 
 # Where a checkpoint says which layout it has. Raise SCHEMA_VERSION when a checkpoint's layout changes in a
 # way older checkpoints need converting for (a setting renamed or removed, a state moved); a setting added
@@ -62,8 +62,12 @@ def network_settings(cls: type) -> frozenset[str]:
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
     """Load a Lightning checkpoint with ``torch.load`` (``weights_only`` by default), with clear errors."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Checkpoint '{path}' not found. Check `--ckpt_path` (or use `--ckpt_path last`).")
+    problem = not_a_file(path)
+    if problem:
+        raise UserError(
+            f"Checkpoint '{path}' {problem}. Pass a .ckpt file (a run's checkpoints/last.ckpt, say; `cifar-resnet` "
+            "also takes `--ckpt_path last`)."
+        )
     try:
         checkpoint = load_tensors(path, map_location=map_location, weights_only=weights_only)
     except UnsafeFile as err:

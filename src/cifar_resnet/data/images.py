@@ -30,7 +30,8 @@ def image_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise UserError(f"data.predict_path '{printable(str(path))}' does not exist: give an image file or a folder of images.")
+        problem = "is not a regular file (a device, pipe or socket)" if path.exists() else "does not exist"
+        raise UserError(f"data.predict_path '{printable(str(path))}' {problem}: give an image file or a folder of images.")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise UserError(f"The folder '{printable(str(path))}' (data.predict_path) holds no files: put PNG or JPEG images in it.")

@@ -9,8 +9,8 @@ from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
 from cifar_resnet.errors import UserError
-from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors
 from cifar_resnet.models.state_dicts import state_dict_mismatch
+from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors, not_a_file
 
 
 def resnet18_for_cifar(num_classes: int = 100) -> ResNet:
@@ -45,9 +45,10 @@ def _download_state_dict(weights: str) -> dict[str, torch.Tensor]:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a torchvision-format state dict with ``weights_only=True`` (a file cannot run code)."""
-    if not path.is_file():
+    problem = not_a_file(path)
+    if problem:
         raise UserError(
-            f"Weights file '{path}' not found. Put torchvision's resnet18 ImageNet weights there "
+            f"Weights file '{path}' {problem}. Put torchvision's resnet18 ImageNet weights there "
             f"({ResNet18_Weights.IMAGENET1K_V1.url}) or fix `weights_path`."
         )
     try:
