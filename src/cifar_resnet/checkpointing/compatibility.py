@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
 from cifar_resnet.errors import UserError
 from cifar_resnet.models.state_dicts import state_dict_mismatch
@@ -85,7 +86,46 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             f"'{path}' is not a Lightning checkpoint of this program (it has no 'state_dict'; a bare state dict "
             "or weights file is not enough). Pass a checkpoint from a run's checkpoints/ folder."
         )
+    problem = malformed(checkpoint)
+    if problem:
+        raise UserError(
+            f"'{path}' is damaged or was not written by this program: {problem}. Pass a checkpoint from a run's "
+            "checkpoints/ folder."
+        )
     return checkpoint
+
+
+# The types of the parts of a checkpoint that this program and Lightning read (each may be absent).
+CHECKPOINT_PARTS: dict[str, type | tuple[type, ...]] = {
+    "state_dict": Mapping,
+    "hyper_parameters": Mapping,
+    "datamodule_hyper_parameters": Mapping,
+    SCHEMA_KEY: Mapping,
+    "epoch": int,
+    "global_step": int,
+    "optimizer_states": list,
+    "lr_schedulers": list,
+    "callbacks": Mapping,
+    "loops": Mapping,
+}
+
+
+def malformed(checkpoint: Mapping[str, Any]) -> str | None:
+    """What in ``checkpoint`` has a shape no checkpoint of this program has (``None``: nothing), so that a
+    damaged or crafted file is refused with a sentence, not a traceback from deep inside a load."""
+    for key, kind in CHECKPOINT_PARTS.items():
+        value = checkpoint.get(key)
+        if key in checkpoint and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"its '{key}' is a {type(value).__name__}"
+    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+        if any(not isinstance(k, str) for k in checkpoint.get(key, {})):
+            return f"its '{key}' has keys that are not names"
+    if any(not isinstance(v, Tensor) for v in checkpoint["state_dict"].values()):
+        return "its 'state_dict' holds values that are not tensors"
+    schema = checkpoint.get(SCHEMA_KEY, {}).get("schema", 0)
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        return f"its schema version is a {type(schema).__name__}"
+    return None
 
 
 def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], path: str | None = None) -> None:

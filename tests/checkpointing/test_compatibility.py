@@ -1,0 +1,72 @@
+"""A checkpoint whose parts have shapes no checkpoint of this program has (damaged, edited or crafted, but
+still only tensors and plain values) is refused with one sentence naming the part, not a traceback."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from cifar_resnet.checkpointing import SCHEMA_KEY, read_checkpoint
+from cifar_resnet.cli import main
+from cifar_resnet.errors import UserError
+from conftest import ROOT, tiny_args, without_figures
+
+OLD = ROOT / "tests" / "fixtures" / "checkpoint-f2a034b" / "last.ckpt.gz"
+
+
+def setitem(key: str, value: Any) -> Callable[[dict], None]:
+    return lambda checkpoint: checkpoint.__setitem__(key, value)
+
+
+DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
+    "hyper_parameters a list": (setitem("hyper_parameters", [1, 2]), "its 'hyper_parameters' is a list"),
+    "schema stamp a string": (setitem(SCHEMA_KEY, "v1"), f"its '{SCHEMA_KEY}' is a str"),
+    "schema version a string": (setitem(SCHEMA_KEY, {"schema": "2"}), "its schema version is a str"),
+    "epoch a float": (setitem("epoch", 3.5), "its 'epoch' is a float"),
+    "global_step a bool": (setitem("global_step", True), "its 'global_step' is a bool"),
+    "optimizer_states a dict": (setitem("optimizer_states", {}), "its 'optimizer_states' is a dict"),
+    "callbacks a list": (setitem("callbacks", []), "its 'callbacks' is a list"),
+    "loops a string": (setitem("loops", "x"), "its 'loops' is a str"),
+    "a weight that is a number": (lambda c: c["state_dict"].__setitem__("model.fc.bias", 0.5), "values that are not tensors"),
+    "a weight named by a number": (lambda c: c["state_dict"].__setitem__(7, torch.ones(1)), "'state_dict' has keys that are not names"),
+    "a setting named by a number": (lambda c: c["hyper_parameters"].__setitem__(3, 1), "'hyper_parameters' has keys that are not names"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> dict:
+    with gzip.open(OLD) as packed:
+        return torch.load(packed, weights_only=True)
+
+
+def test_a_checkpoint_of_this_program_is_read(checkpoint: dict, tmp_path: Path) -> None:
+    torch.save(checkpoint, tmp_path / "good.ckpt")
+    assert read_checkpoint(tmp_path / "good.ckpt").keys() == checkpoint.keys()  # the control
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_part_of_the_wrong_shape_is_named(checkpoint: dict, tmp_path: Path, damage: str) -> None:
+    damaged, path = copy.deepcopy(checkpoint), tmp_path / "damaged.ckpt"
+    change, expected = DAMAGE[damage]
+    change(damaged)
+    torch.save(damaged, path)
+    with pytest.raises(UserError) as err:
+        read_checkpoint(path)
+    assert f"'{path}' is damaged or was not written by this program: " in str(err.value) and expected in str(err.value)
+
+
+def test_the_command_names_it_too(checkpoint: dict, cifar_dir: Path, tmp_path: Path, capsys) -> None:
+    damaged = copy.deepcopy(checkpoint)
+    damaged["hyper_parameters"] = "fast"
+    torch.save(damaged, tmp_path / "damaged.ckpt")
+    args = ["--config", without_figures("fast.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(tmp_path / "damaged.ckpt")]
+    for subcommand in ("fit", "test"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([subcommand, *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "its 'hyper_parameters' is a str" in err and "Traceback" not in err
