@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_resnet.averaging import EMAWeights
 from cifar_resnet.compat import attached_trainer, counted_optimizer_step
-from cifar_resnet.checkpointing import check_checkpoint_fits, stamp_schema
+from cifar_resnet.checkpointing import check_checkpoint_fits, check_optimizer_fits, stamp_schema
 from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
@@ -356,9 +356,21 @@ class ImageClassifier(LightningModule, ABC):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another model, version or settings with a short message."""
-        check_checkpoint_fits(self, checkpoint, getattr(attached_trainer(self), "ckpt_path", None))
+        trainer = attached_trainer(self)
+        path = getattr(trainer, "ckpt_path", None)
+        check_checkpoint_fits(self, checkpoint, path)
+        if trainer is not None and trainer.state.fn == "fit":  # resuming: the optimizer state will be loaded
+            groups = [len(group["params"]) for group in parameter_groups(self, self.hparams.weight_decay_norm_and_bias)]
+            check_optimizer_fits(checkpoint, self._optimizer_name(), groups, path)
         if self._train_step is not None:  # a captured graph may read tensors that the restore replaces
             self._train_step.reset()
+
+    def _optimizer_name(self) -> str:
+        """The class name of the configured optimizer (as recorded from the config, else of ``self.optimizer``)."""
+        recorded = self.hparams.get("optimizer")
+        if isinstance(recorded, dict) and recorded.get("class_path"):
+            return str(recorded["class_path"]).rsplit(".", 1)[-1]
+        return getattr(getattr(self.optimizer, "func", self.optimizer), "__name__", type(self.optimizer).__name__)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Stamp the checkpoint with its layout's version; write the optimizer state as the configured optimizer

@@ -11,10 +11,11 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from cifar_resnet.checkpointing import SCHEMA_KEY, read_checkpoint
+from cifar_resnet.checkpointing import SCHEMA_KEY, check_optimizer_fits, read_checkpoint
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from conftest import ROOT, tiny_args, without_figures
+from test_old_checkpoint import unpack_old_run
 
 OLD = ROOT / "tests" / "fixtures" / "checkpoint-f2a034b" / "last.ckpt.gz"
 
@@ -70,3 +71,37 @@ def test_the_command_names_it_too(checkpoint: dict, cifar_dir: Path, tmp_path: P
             main([subcommand, *args])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and "its 'hyper_parameters' is a str" in err and "Traceback" not in err
+
+
+def test_resuming_needs_the_optimizer_and_groups_the_checkpoint_was_trained_with(checkpoint: dict) -> None:
+    assert [len(g["params"]) for g in checkpoint["optimizer_states"][0]["param_groups"]] == [32, 58]
+    check_optimizer_fits(checkpoint, "AdamW", [32, 58])  # the control: the run's own optimizer
+    with pytest.raises(UserError, match=r"holds the state of AdamW over 2 parameter groups \(32 \+ 58 parameters\), but the "
+                                        r"config asks for SGD over 2 parameter groups"):  # fmt: skip
+        check_optimizer_fits(checkpoint, "SGD", [32, 58])
+    with pytest.raises(UserError, match=r"but the config asks for AdamW over 1 parameter group \(90 parameters\)"):
+        check_optimizer_fits(checkpoint, "AdamW", [90])
+    check_optimizer_fits({**checkpoint, "optimizer_states": []}, "SGD", [90])  # weights only: nothing to resume
+
+
+@pytest.mark.parametrize(
+    "change",
+    [["--model.init_args.optimizer", "torch.optim.SGD", "--model.init_args.optimizer.init_args.lr", "0.1"],
+     ["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
+     ["--model.init_args.weight_decay_norm_and_bias", "true"]],
+    ids=["model-optimizer", "top-level-optimizer", "parameter-groups"],
+)  # fmt: skip
+def test_a_resume_with_another_optimizer_stops_before_it_changes_anything(
+    cifar_dir: Path, tmp_path: Path, capsys, change: list[str]
+) -> None:
+    last = unpack_old_run(tmp_path)
+    run_dir = last.parent.parent
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    args = ["--config", str(run_dir / "config.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--ckpt_path", "last", *change])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"The checkpoint '{last}' holds the state of AdamW over 2 parameter groups" in err and "resume with the run's config" in err
+    assert {p: p.read_bytes() for p in before} == before, "the run's files are as they were"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]

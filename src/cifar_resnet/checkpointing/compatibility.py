@@ -122,6 +122,10 @@ def malformed(checkpoint: Mapping[str, Any]) -> str | None:
             return f"its '{key}' has keys that are not names"
     if any(not isinstance(v, Tensor) for v in checkpoint["state_dict"].values()):
         return "its 'state_dict' holds values that are not tensors"
+    for state in checkpoint.get("optimizer_states", []):
+        groups = state.get("param_groups") if isinstance(state, Mapping) else None
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
+            return "its 'optimizer_states' are not optimizer states (param_groups with params)"
     schema = checkpoint.get(SCHEMA_KEY, {}).get("schema", 0)
     if not isinstance(schema, int) or isinstance(schema, bool):
         return f"its schema version is a {type(schema).__name__}"
@@ -185,3 +189,30 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], p
             f"The checkpoint{name} holds the weights of {kind or 'another model'}, which do not fit "
             f"{type(module).__name__} ({details}). {fix}"
         )
+
+
+def check_optimizer_fits(checkpoint: Mapping[str, Any], optimizer: str, group_sizes: list[int], path: str | None = None) -> None:
+    """Refuse to resume a fit whose config asks for another optimizer class (``optimizer``, a class name) or
+    other parameter groups (``group_sizes``, parameters per group) than the checkpoint's optimizer state has:
+    torch would load that state and fail at the first step (SGD given Adam's groups: ``KeyError: 'momentum'``)."""
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return
+    recorded = checkpoint.get("hyper_parameters", {}).get("optimizer")
+    trained = str(recorded.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(recorded, Mapping) else ""
+    saved = [len(group["params"]) for group in states[0]["param_groups"]]
+    if (trained and trained != optimizer) or saved != group_sizes:
+        name = f" '{path}'" if path else ""
+        raise UserError(
+            f"The checkpoint{name} holds the state of {trained or 'its optimizer'} over {_groups(saved)}, but the config "
+            f"asks for {optimizer} over {_groups(group_sizes)}. Resuming a fit continues the optimizer's state, which "
+            "only the same optimizer and parameter groups can take: resume with the run's config (config.yaml in its "
+            "run folder), leaving `optimizer` and `weight_decay_norm_and_bias` as they were."
+        )
+
+
+def _groups(sizes: list[int]) -> str:
+    """``[32, 58]``: "2 parameter groups (32 + 58 parameters)"."""
+    plural = "s" if len(sizes) != 1 else ""
+    return f"{len(sizes)} parameter group{plural} ({' + '.join(map(str, sizes))} parameters)"
+
