@@ -69,12 +69,20 @@ WRITE_ERRORS = {
 def write_error_message(err: OSError, path: Path) -> str:
     """One paragraph for a write to ``path`` that failed with ``err``."""
     reason = WRITE_ERRORS.get(err.errno or 0, err.strerror or str(err))
+    blocker = file_in_the_way(path) if err.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    if blocker is not None:
+        reason = f"'{blocker}' is a file, not a folder"
     fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you may write to"
     return (
         f"Cannot write '{path}': {reason} (in the folder '{path.parent}'). Any earlier file of that name and the "
         f"checkpoints written before are intact; {fix} (or set `trainer.logger.init_args.save_dir`), then run the "
         "command again (`--ckpt_path last` resumes a fit)."
     )
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The first of ``path``'s parent folders that exists but is not a folder (a file, a device), if any."""
+    return next((folder for folder in reversed(path.parents) if folder.exists() and not folder.is_dir()), None)
 
 
 def _umask() -> int:

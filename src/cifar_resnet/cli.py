@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
-from cifar_resnet.atomic import WRITE_ERRORS, atomic_write, write_error_message
+from cifar_resnet.atomic import WRITE_ERRORS, atomic_write, file_in_the_way, write_error_message
 from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import LastCheckpoint, RandomStates, find_last_checkpoint, newest_checkpoint, wait_for_checkpoints
 from cifar_resnet.classifier import ImageClassifier
@@ -432,10 +432,9 @@ def _check_values(config: Namespace) -> None:
         raise UserError(f"trainer.log_every_n_steps must be a positive number of steps, got {steps}.")
     logger = config.trainer.get("logger")
     save_dir = logger.get("init_args", Namespace()).get("save_dir") if isinstance(logger, Namespace) else None
-    if save_dir:
-        for folder in (Path(save_dir), *Path(save_dir).parents):
-            if folder.exists() and not folder.is_dir():
-                raise UserError(f"trainer.logger.init_args.save_dir is '{save_dir}', but '{folder}' is a file. Give a folder.")
+    blocker = file_in_the_way(Path(save_dir) / "run") if save_dir else None
+    if blocker is not None:
+        raise UserError(f"trainer.logger.init_args.save_dir is '{save_dir}', but '{blocker}' is a file. Give a folder.")
 
 
 def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> None:
