@@ -49,9 +49,9 @@ def test_the_csv_escapes_file_and_class_names_that_start_a_formula(tmp_path: Pat
 def test_an_output_or_row_count_that_cannot_work_is_refused_before_predicting(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("x")
     assert PredictionWriter(str(tmp_path / "new" / "out.csv"), rows_shown=0).output == str(tmp_path / "new" / "out.csv")  # the control
-    with pytest.raises(UserError, match=rf"prediction.output is '{tmp_path}', a folder: give the path of a CSV file"):
+    with pytest.raises(UserError, match=rf"prediction.output '{tmp_path}' is a folder: give the path of a CSV file"):
         PredictionWriter(str(tmp_path))
-    with pytest.raises(UserError, match=rf"under '{tmp_path / 'a-file'}', which is a file"):
+    with pytest.raises(UserError, match=rf"lies under '{tmp_path / 'a-file'}', which is a file"):
         PredictionWriter(str(tmp_path / "a-file" / "out.csv"))
     with pytest.raises(UserError, match="prediction.rows_shown must be 0 or more, got -1"):
         PredictionWriter(rows_shown=-1)

@@ -85,6 +85,14 @@ def file_in_the_way(path: Path) -> Path | None:
     return next((folder for folder in reversed(path.parents) if folder.exists() and not folder.is_dir()), None)
 
 
+def output_file_problem(path: Path) -> str | None:
+    """Why a file cannot be written at ``path`` ("is a folder", "lies under '/x', which is a file"), or ``None``."""
+    if path.is_dir():
+        return "is a folder"
+    blocker = file_in_the_way(path)
+    return None if blocker is None else f"lies under '{blocker}', which is a file"
+
+
 def _umask() -> int:
     """The process's umask (reading it means setting it; set it straight back)."""
     mask = os.umask(0o022)

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.atomic import atomic_write_text
+from cifar_resnet.atomic import atomic_write_text, output_file_problem
 from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.config_files import check_config_files
@@ -101,6 +101,9 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
         format: ``onnx`` (run it with onnxruntime) or ``torch.export`` (``torch.export.load``; a PyTorch program).
         weights_only: Load the checkpoint with ``torch.load(weights_only=True)``; false only for a trusted file.
     """
+    problem = output_file_problem(Path(output))
+    if problem:
+        raise UserError(f"The output '{output}' {problem}: give the path of the file to write, such as model.onnx.")
     checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only)
     info = deployment_info(checkpoint)
     net = network_of(checkpoint)

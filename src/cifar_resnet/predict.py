@@ -12,7 +12,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cifar_resnet.atomic import atomic_write, file_in_the_way
+from cifar_resnet.atomic import atomic_write, output_file_problem
 from cifar_resnet.data.images import printable
 from cifar_resnet.errors import UserError
 
@@ -54,10 +54,9 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         if rows_shown < 0:
             raise UserError(f"prediction.rows_shown must be 0 or more, got {rows_shown}.")
-        if output is not None and (Path(output).is_dir() or file_in_the_way(Path(output)) is not None):
-            blocker = Path(output) if Path(output).is_dir() else file_in_the_way(Path(output))
-            kind = "a folder" if blocker == Path(output) else f"under '{blocker}', which is a file"
-            raise UserError(f"prediction.output is '{output}', {kind}: give the path of a CSV file to write, such as predictions.csv.")
+        problem = output_file_problem(Path(output)) if output is not None else None
+        if problem:
+            raise UserError(f"prediction.output '{output}' {problem}: give the path of a CSV file to write, such as predictions.csv.")
         self.output = output
         self.rows_shown = rows_shown
         self._printout: str | None = None
