@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import gzip
 import os
 import re
 import shutil
@@ -164,3 +165,18 @@ def env_with_tests() -> dict[str, str]:
     """The environment plus tests/ on PYTHONPATH, so the CLI can import test-only callbacks (``faults.*``)."""
     tests = str(Path(__file__).resolve().parent)
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+
+
+# A checkpoint and config.yaml written by an older version (f2a034b), which must keep loading.
+OLD_RUN_FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint-f2a034b"
+
+
+def unpack_old_run(folder: Path) -> Path:
+    """The fixture as a run folder ``folder/runs/fast/version_0`` (config.yaml, checkpoints/last.ckpt); returns the checkpoint."""
+    run_dir = folder / "runs" / "fast" / "version_0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(OLD_RUN_FIXTURE / "config.yaml", run_dir / "config.yaml")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with gzip.open(OLD_RUN_FIXTURE / "last.ckpt.gz") as packed, open(last, "wb") as out:
+        shutil.copyfileobj(packed, out)
+    return last

@@ -1,14 +1,18 @@
 """``cifar-resnet-export`` (src/cifar_resnet/export.py) refuses an output it cannot write before it loads
-anything. Exporting for real (ONNX against PyTorch, the preprocessing in the JSON) is tested in test_review.py
+anything, and never leaves a torn model file. Exporting for real (ONNX against PyTorch, the preprocessing in the JSON) is tested in test_review.py
 and, for an old checkpoint, in checkpointing/test_old_checkpoint.py."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
+import torch
 
 from cifar_resnet.export import main
+from conftest import unpack_old_run
 
 
 def export_error(capsys: pytest.CaptureFixture, *args: str) -> str:
@@ -28,3 +32,18 @@ def test_an_output_that_is_a_folder_or_under_a_file_is_refused(tmp_path: Path, c
     # The control: a writable output gets past the check, to the checkpoint that is not there.
     assert f"Checkpoint '{missing}' not found" in export_error(capsys, missing, str(tmp_path / "new" / "model.onnx"))
     assert (tmp_path / "a-file").read_text() == "x" and not (tmp_path / "new").exists()
+
+
+def test_a_failed_write_keeps_the_previous_model_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    last = unpack_old_run(tmp_path)
+    model = tmp_path / "model.pt2"
+    model.write_bytes(b"the previous export")
+
+    def disk_full_half_way(program: object, f: BinaryIO) -> None:
+        f.write(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", disk_full_half_way)
+    err = export_error(capsys, str(last), str(model), "--format", "torch.export")
+    assert f"Cannot write '{model}': the disk is full" in err
+    assert model.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "runs"]

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.atomic import atomic_write_text, output_file_problem
+from cifar_resnet.atomic import atomic_write, atomic_write_text, output_file_problem
 from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.config_files import check_config_files
@@ -110,15 +110,16 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
     size = info["input"]["shape"][-1]
     example = torch.zeros(2, 3, size, size)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     batch = {0: torch.export.Dim("batch", min=1)}  # any batch size
+    # Written beside the output and renamed over it, so a kill never leaves a torn model file.
     if format == "onnx":
         program = torch.onnx.export(
             net, (example,), input_names=["images"], output_names=["logits"], dynamic_shapes=(batch,), dynamo=True, verbose=False
         )
-        program.save(str(path))
+        atomic_write(path, lambda f: f.write(program.model_proto.SerializeToString()))  # what program.save writes
     else:
-        torch.export.save(torch.export.export(net, (example,), dynamic_shapes=(batch,)), str(path))
+        exported = torch.export.export(net, (example,), dynamic_shapes=(batch,))
+        atomic_write(path, lambda f: torch.export.save(exported, f))
     atomic_write_text(f"{path}.json", json.dumps(info, indent=2) + "\n")
     return path
 

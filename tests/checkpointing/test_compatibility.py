@@ -14,10 +14,9 @@ import torch
 from cifar_resnet.checkpointing import SCHEMA_KEY, check_optimizer_fits, read_checkpoint
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
-from conftest import ROOT, tiny_args, without_figures
-from test_old_checkpoint import unpack_old_run
+from conftest import OLD_RUN_FIXTURE, tiny_args, unpack_old_run, without_figures
 
-OLD = ROOT / "tests" / "fixtures" / "checkpoint-f2a034b" / "last.ckpt.gz"
+OLD = OLD_RUN_FIXTURE / "last.ckpt.gz"
 
 
 def setitem(key: str, value: Any) -> Callable[[dict], None]:

@@ -4,10 +4,8 @@ resumes (tests/fixtures/checkpoint-f2a034b/README.md says how it was written).""
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,21 +17,7 @@ from cifar_resnet.checkpointing import SCHEMA_KEY, SCHEMA_VERSION, check_checkpo
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from cli_process import CliProcess
-from conftest import ROOT, tiny_args
-
-FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint-f2a034b"
-
-
-def unpack_old_run(folder: Path) -> Path:
-    """The fixture as a run folder ``folder/runs/fast/version_0`` (config.yaml, checkpoints/last.ckpt); returns the checkpoint."""
-    run_dir = folder / "runs" / "fast" / "version_0"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(FIXTURE / "config.yaml", run_dir / "config.yaml")
-    last = run_dir / "checkpoints" / "last.ckpt"
-    with gzip.open(FIXTURE / "last.ckpt.gz") as packed, open(last, "wb") as out:
-        shutil.copyfileobj(packed, out)
-    return last
-
+from conftest import OLD_RUN_FIXTURE as FIXTURE, tiny_args, unpack_old_run
 
 @pytest.fixture(scope="module")
 def old_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
