@@ -26,7 +26,7 @@ BEFORE_THE_SPLIT = {
         "SCHEMA_VERSION", "NETWORK_SETTINGS", "stamp_schema", "setting_defaults", "network_settings",
         "read_checkpoint", "check_checkpoint_fits", "atomic_save", "atomic_write", "atomic_write_text",
         "write_error_message", "wait_for_checkpoints", "checkpoint_host_seconds", "find_last_checkpoint",
-        "newest_checkpoint", "rng_states", "set_rng_states", "check_optimizer_fits",
+        "newest_checkpoint", "rng_states", "set_rng_states", "check_optimizer_fits", "damaged_part",
     ],
 }
 

@@ -104,3 +104,26 @@ def test_a_resume_with_another_optimizer_stops_before_it_changes_anything(
     assert f"The checkpoint '{last}' holds the state of AdamW over 2 parameter groups" in err and "resume with the run's config" in err
     assert {p: p.read_bytes() for p in before} == before, "the run's files are as they were"
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.parametrize(
+    "part, value, expected",
+    [("RandomStates", {"cpu": torch.zeros(3)}, "its random generator state ('cpu') cannot be restored"),
+     ("SpeedMonitor", {"elapsed_s": "soon"}, "its fit time (SpeedMonitor's elapsed_s) is 'soon', not a number of seconds")],
+    ids=["rng-state", "fit-time"],
+)  # fmt: skip
+def test_a_callback_state_that_cannot_be_restored_is_named(
+    cifar_dir: Path, tmp_path: Path, capsys, part: str, value: dict, expected: str
+) -> None:
+    last = unpack_old_run(tmp_path)
+    damaged = torch.load(last, weights_only=True)
+    damaged["callbacks"][part] = value
+    torch.save(damaged, last)
+    before = last.read_bytes()
+    args = ["--config", str(last.parent.parent / "config.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "The checkpoint being loaded is damaged or was not written by this program: " + expected in err
+    assert last.read_bytes() == before

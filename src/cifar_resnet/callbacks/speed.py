@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from cifar_resnet.checkpointing import checkpoint_host_seconds
+from cifar_resnet.checkpointing import checkpoint_host_seconds, damaged_part
 
 IMPORTED_AT = time.time()
 
@@ -58,7 +58,10 @@ class SpeedMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         """Go on from a checkpoint's fit time (checkpoints are restored before ``on_fit_start``)."""
-        self._earlier_s = float(state_dict.get("elapsed_s", 0.0))
+        elapsed = state_dict.get("elapsed_s", 0.0)
+        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)):
+            raise damaged_part("fit time (SpeedMonitor's elapsed_s)", f"is {elapsed!r}, not a number of seconds")
+        self._earlier_s = float(elapsed)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start, self._images = self._now(pl_module), 0

@@ -216,3 +216,11 @@ def _groups(sizes: list[int]) -> str:
     plural = "s" if len(sizes) != 1 else ""
     return f"{len(sizes)} parameter group{plural} ({' + '.join(map(str, sizes))} parameters)"
 
+
+def damaged_part(part: str, detail: str) -> UserError:
+    """The error for a checkpoint whose ``part`` (a callback's state, say) cannot be restored: ``detail`` says why."""
+    return UserError(
+        f"The checkpoint being loaded is damaged or was not written by this program: its {part} {detail}. Resume "
+        "from another checkpoint of the run (the best one, or an earlier copy), or start again."
+    )
+

@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from cifar_resnet.checkpointing.compatibility import damaged_part
+
 
 class RandomStates(Callback):
     """Keeps the random generators' states in every checkpoint and restores them on resume, so a
@@ -36,7 +38,10 @@ def rng_states() -> dict[str, Tensor]:
 
 def set_rng_states(states: Mapping[str, Tensor]) -> None:
     """Restore what :func:`rng_states` returned."""
-    if "cpu" in states:
-        torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
+    for device, restore in (("cpu", torch.set_rng_state), ("cuda", torch.cuda.set_rng_state)):
+        if device not in states or (device == "cuda" and not torch.cuda.is_available()):
+            continue
+        try:
+            restore(states[device])
+        except (TypeError, RuntimeError, ValueError) as err:
+            raise damaged_part(f"random generator state ('{device}')", f"cannot be restored ({err})") from err
