@@ -333,6 +333,7 @@ class CifarCLI(CLIInternals):
                 if subcommand != "fit":
                     raise UserError(f"`--ckpt_path last`: no {experiment}/*/checkpoints/*.ckpt to {subcommand}.")
                 config.ckpt_path = None  # as Lightning does: a first run with `--ckpt_path last` starts from scratch
+                rank_zero_info(f"`--ckpt_path last`: no checkpoint in {experiment}/*/checkpoints/ yet, so this fit starts from scratch.")
                 return
             config.ckpt_path = ckpt_path = str(found)
         if subcommand != "fit":

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cifar_resnet.checkpointing import find_last_checkpoint
+from cifar_resnet.cli import main
 from cifar_resnet.data.datamodule import EpochShuffle
 from cli_process import CliProcess
 from conftest import env_with_tests, read_scalars, run_cli, tiny_args, warning_lines, without_figures
@@ -244,3 +245,18 @@ def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_and_resu
         assert torch.equal(resumed["state_dict"][key], value), key
     for mine, theirs in zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.slow
+def test_a_first_fit_with_ckpt_path_last_starts_from_scratch_and_says_so(cifar_dir: Path, tmp_path: Path, caplog) -> None:
+    runs = tmp_path / "runs"
+    args = ["fit", "--config", without_figures("scratch.yaml"), *tiny_args(cifar_dir, runs), "--ckpt_path", "last"]
+    main(args)  # a job script may always pass `--ckpt_path last`
+    said = [r.getMessage() for r in caplog.records if "`--ckpt_path last`" in r.getMessage()]
+    assert said == [f"`--ckpt_path last`: no checkpoint in {runs / 'scratch'}/*/checkpoints/ yet, so this fit starts from scratch."]
+    first = torch.load(runs / "scratch" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    caplog.clear()
+    main([*args, "--trainer.max_epochs", "2"])  # the second time, it resumes that run
+    assert not [r for r in caplog.records if "starts from scratch" in r.getMessage()]
+    resumed = torch.load(runs / "scratch" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (first["epoch"], resumed["epoch"]) == (0, 1) and not (runs / "scratch" / "version_1").exists()
