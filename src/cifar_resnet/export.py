@@ -101,7 +101,8 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
         format: ``onnx`` (run it with onnxruntime) or ``torch.export`` (``torch.export.load``; a PyTorch program).
         weights_only: Load the checkpoint with ``torch.load(weights_only=True)``; false only for a trusted file.
     """
-    problem = output_file_problem(Path(output))
+    path = Path(output)
+    problem = output_file_problem(path)
     if problem:
         raise UserError(f"The output '{output}' {problem}: give the path of the file to write, such as model.onnx.")
     checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only)
@@ -109,7 +110,6 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
     net = network_of(checkpoint)
     size = info["input"]["shape"][-1]
     example = torch.zeros(2, 3, size, size)
-    path = Path(output)
     batch = {0: torch.export.Dim("batch", min=1)}  # any batch size
     # Written beside the output and renamed over it, so a kill never leaves a torn model file.
     if format == "onnx":
