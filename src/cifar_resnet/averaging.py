@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from cifar_resnet.checkpointing import damaged_part
 from cifar_resnet.compat import WeightAveragingState, copy_all, scale_and_add
 from cifar_resnet.errors import UserError
 
@@ -104,6 +105,13 @@ class EMAWeights(WeightAveragingState):
             if not getattr(pl_module, "updates_average_in_step", False):
                 self.update(pl_module)
             self.latest_update_step = trainer.global_step
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Go on from a checkpoint's update count (a count that is no step number means a damaged checkpoint)."""
+        step = state_dict.get("latest_update_step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise damaged_part("EMA state (EMAWeights' latest_update_step)", f"is {step!r}, not a step number")
+        super().load_state_dict(state_dict)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Update the average at the end of an epoch if ``update_starting_at_epoch`` asks for it."""

@@ -109,8 +109,9 @@ def test_a_resume_with_another_optimizer_stops_before_it_changes_anything(
 @pytest.mark.parametrize(
     "part, value, expected",
     [("RandomStates", {"cpu": torch.zeros(3)}, "its random generator state ('cpu') cannot be restored"),
-     ("SpeedMonitor", {"elapsed_s": "soon"}, "its fit time (SpeedMonitor's elapsed_s) is 'soon', not a number of seconds")],
-    ids=["rng-state", "fit-time"],
+     ("SpeedMonitor", {"elapsed_s": "soon"}, "its fit time (SpeedMonitor's elapsed_s) is 'soon', not a number of seconds"),
+     ("EMAWeights", {"latest_update_step": "x"}, "its EMA state (EMAWeights' latest_update_step) is 'x', not a step number")],
+    ids=["rng-state", "fit-time", "ema-state"],
 )  # fmt: skip
 def test_a_callback_state_that_cannot_be_restored_is_named(
     cifar_dir: Path, tmp_path: Path, capsys, part: str, value: dict, expected: str
