@@ -22,8 +22,8 @@ from cifar_resnet.checkpointing import read_checkpoint
 from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors, not_a_file
 
 
-def damaged_payloads(good: bytes, count: int = 400) -> list[bytes]:
-    """Seeded random byte strings of several lengths, random byte flips of ``good`` and its truncations."""
+def damaged_payloads(good: bytes, count: int = 400) -> dict[str, list[bytes]]:
+    """Seeded random byte strings of several lengths, random bit flips of ``good`` and its truncations."""
     rng = random.Random(0)
     noise = [rng.randbytes(rng.choice([1, 2, 3, 8, 64, 4096])) for _ in range(count)]
     flipped = []
@@ -33,7 +33,7 @@ def damaged_payloads(good: bytes, count: int = 400) -> list[bytes]:
             data[at] ^= 1 << rng.randrange(8)
         flipped.append(bytes(data))
     cuts = sorted({int(len(good) * k / 60) for k in range(60)})
-    return noise + flipped + [good[:cut] for cut in cuts]
+    return {"noise": noise, "flipped": flipped, "truncated": [good[:cut] for cut in cuts]}
 
 
 def test_every_damaged_tensor_file_is_unreadable_not_a_crash(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_every_damaged_tensor_file_is_unreadable_not_a_crash(tmp_path: Path) -> 
     path.write_bytes(buffer.getvalue())
     assert torch.equal(load_tensors(path)["state_dict"]["w"], torch.arange(6.0).reshape(2, 3))  # the control
     kinds = set()
-    for payload in damaged_payloads(buffer.getvalue()):
+    for payload in sum(damaged_payloads(buffer.getvalue()).values(), []):
         path.write_bytes(payload)
         try:
             load_tensors(path)
@@ -79,11 +79,18 @@ def test_every_damaged_weights_file_names_the_file(tmp_path: Path) -> None:
 def test_every_damaged_cifar_pickle_is_refused_with_the_source_named() -> None:
     good = py2_pickle(synthetic_split(20, 0, b"x"))
     assert safe_unpickle(good, "'x'")["fine_labels"] == synthetic_split(20, 0, b"x")[b"fine_labels"]  # the control
-    for payload in damaged_payloads(good):
+    payloads = damaged_payloads(good)
+    for payload in payloads["noise"] + payloads["truncated"]:
         with pytest.raises(UserError, match=r"^Cannot read 'x'"):
-            obj = safe_unpickle(payload, "'x'")
-            # A flip inside the pixel bytes still unpickles; the split's checks catch the rest.
-            raise UserError(f"Cannot read 'x': unpickled {type(obj).__name__}")
+            safe_unpickle(payload, "'x'")
+    refused = 0
+    for payload in payloads["flipped"]:  # a flip inside the pixel bytes still unpickles (the split's checks follow)
+        try:
+            assert isinstance(safe_unpickle(payload, "'x'"), dict)
+        except UserError as err:
+            assert str(err).startswith("Cannot read 'x'")
+            refused += 1
+    assert refused > 0
 
 
 def test_a_path_that_is_not_a_file_says_what_it_is(tmp_path: Path) -> None:

@@ -433,7 +433,7 @@ def _check_values(config: Namespace) -> None:
         raise UserError(f"trainer.log_every_n_steps must be a positive number of steps, got {steps}.")
     logger = config.trainer.get("logger")
     save_dir = logger.get("init_args", Namespace()).get("save_dir") if isinstance(logger, Namespace) else None
-    blocker = file_in_the_way(Path(save_dir) / "run") if save_dir else None
+    blocker = file_in_the_way(Path(save_dir) / "run") if save_dir else None  # save_dir itself or a parent
     if blocker is not None:
         raise UserError(f"trainer.logger.init_args.save_dir is '{save_dir}', but '{blocker}' is a file. Give a folder.")
 

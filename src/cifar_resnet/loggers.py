@@ -56,13 +56,15 @@ def resume_logger_runs(logger: Any, run_dir: Path) -> None:
         return
     try:
         recorded = json.loads(path.read_bytes().decode("utf-8"))
+        problem = None
     except ValueError as err:  # not UTF-8, not JSON
-        recorded = err
-    runs = isinstance(recorded, list) and all(e is None or (isinstance(e, dict) and {"logger", "id"} <= e.keys()) for e in recorded)
-    if not runs:
+        recorded, problem = [], err
+    if not isinstance(recorded, list) or not all(e is None or (isinstance(e, dict) and {"logger", "id"} <= e.keys()) for e in recorded):
+        problem = "not a list of runs"
+    if problem is not None:
         raise UserError(
-            f"'{path}' is damaged ({recorded if isinstance(recorded, ValueError) else 'not a list of runs'}): it records "
-            "which MLflow/W&B run this run folder continues. Restore it, or delete it to log the resumed run as a new one."
+            f"'{path}' is damaged ({problem}): it records which MLflow/W&B run this run folder continues. Restore it, "
+            "or delete it to log the resumed run as a new one."
         )
     for index, config in enumerate(logger_configs(logger)):
         name = class_name(config)
