@@ -179,13 +179,40 @@ class ZeroGradients(Callback):
                 p.grad.zero_()
 
 
+class FailingFile:
+    """A file whose write calls ``fail()`` once more than ``limit`` bytes would have been written: what torch.save's
+    zip writer sees of a disk that fills up, or of a Ctrl-C in the middle of a write."""
+
+    def __init__(self, file: Any, fail: Any, limit: int = 64) -> None:
+        self.file, self.fail, self.limit, self.written = file, fail, limit, 0
+
+    def write(self, data: bytes) -> int:
+        if self.written + len(data) > self.limit:
+            self.fail()
+        self.written += len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def disk_full() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)  # Python raises KeyboardInterrupt in the main thread right after
+
+
 class FullDiskCheckpointIO(AtomicCheckpointIO):
     """The program's checkpoint IO on a disk that fills up: from save number ``saves_before_full`` on
-    (counting from 0), writing a checkpoint fails with ``ENOSPC`` after part of it is written."""
+    (counting from 0), writing a checkpoint fails with ``ENOSPC`` after part of it is written (inside
+    torch.save, whose zip writer then raises its own error). With ``interrupt``, Ctrl-C comes instead."""
 
-    def __init__(self, saves_before_full: int = 0) -> None:
+    def __init__(self, saves_before_full: int = 0, interrupt: bool = False) -> None:
         super().__init__()
         self.saves_before_full = saves_before_full
+        self.interrupt = interrupt
         self.saves = 0
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -195,8 +222,7 @@ class FullDiskCheckpointIO(AtomicCheckpointIO):
         real_save = torch.save
 
         def save_until_full(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-            f.write(b"PK\x03\x04 the first bytes of a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_save(obj, FailingFile(f, ctrl_c if self.interrupt else disk_full), *args, **kwargs)
 
         torch.save = save_until_full
         try:

@@ -23,7 +23,8 @@ import torch
 from cifar_resnet import ScratchResNet
 from cifar_resnet.callbacks import StopChildProcessesOnError, StopOnNonFiniteLoss
 from cifar_resnet.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO, atomic_save, read_checkpoint
-from cifar_resnet.cli import main, run
+from cifar_resnet.callbacks.safety import open_lock_file
+from cifar_resnet.cli import _user_message, main, run
 from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
@@ -452,8 +453,43 @@ def test_a_full_disk_keeps_the_earlier_checkpoints_and_the_config(cifar_dir: Pat
     err = fails(capsys, "fit", "--config", str(run_dir / "config.yaml"), "--config", str(tmp_path / "full_disk.yaml"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "2", "--ckpt_path", "last")  # fmt: skip
     assert f"Cannot write '{run_dir / 'checkpoints'}" in err and "the disk is full" in err and "free some space" in err
-    assert_intact(before)  # the checkpoints and config.yaml of the run
+    # The resume wrote no checkpoint, so the run folder is as it was: the same checkpoints and config.yaml, and
+    # no event file of an epoch that the next resume trains again.
+    assert hashes(run_dir) == before
     assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_a_failed_resume_leaves_the_run_folder_as_it_was(cifar_dir: Path, trained: dict, tmp_path: Path, capsys) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    (run_dir / "events.out.tfevents.0.host.1.0").write_bytes(b"the run's own log")
+    before = hashes(run_dir)
+    args = ["fit", "--config", str(run_dir / "config.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.max_epochs", "2", "--ckpt_path", "last"]  # fmt: skip
+    err = fails(capsys, *args, "--optimizer", "SGD", "--optimizer.lr", "0.1")
+    assert "holds the state of Adam" in err
+    assert hashes(run_dir) == before
+    # The control: a resume that works writes into the same folder.
+    main(args)
+    after = hashes(run_dir)
+    assert after[run_dir / "checkpoints" / "last.ckpt"] != before[run_dir / "checkpoints" / "last.ckpt"]
+    events = [p for p in after if p.name.startswith("events.out")]
+    assert len(events) == len([p for p in before if p.name.startswith("events.out")]) + 1
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_ends_like_any_ctrl_c(cifar_dir: Path, trained: dict, tmp_path: Path) -> None:
+    run_dir = copy_run(trained, tmp_path)
+    before = hashes(run_dir / "checkpoints")
+    (tmp_path / "ctrl_c.yaml").write_text("trainer:\n  plugins:\n" + FULL_DISK + "      init_args:\n        interrupt: true\n")
+    args = ["fit", "--config", str(run_dir / "config.yaml"), "--config", str(tmp_path / "ctrl_c.yaml"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.max_epochs", "2", "--ckpt_path", "last"]  # fmt: skip
+    result = CliProcess(args, tmp_path, env_with_tests()).finish(timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "unexpected pos" not in result.stderr
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"cifar-resnet: fit stopped by SIGINT in epoch 1, which starts again on resume. Resume from {last} with: cifar-resnet fit"
+    )
+    assert hashes(run_dir / "checkpoints") == before and not list(run_dir.rglob("*.tmp"))
 
 
 def test_unreadable_data_says_permission_denied(cifar_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -508,3 +544,32 @@ def test_a_config_cannot_import_modules_from_the_working_folder(cifar_dir: Path,
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "pwned").read_text() == "code ran"
+
+
+def test_the_error_handler_names_file_system_errors_however_they_come(tmp_path: Path) -> None:
+    """TensorBoard gives file names as bytes; a file object's write fails with no file name; libraries wrap the
+    OSError in their own errors. None of it may crash the handler or hide the reason."""
+    read_only = OSError(errno.EROFS, "Read-only file system", os.fsencode(tmp_path / "runs" / "events.out"))
+    assert _user_message(read_only).startswith(f"Cannot write '{tmp_path / 'runs' / 'events.out'}': the file system is read-only")
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")  # from f.write: no file name
+        except OSError as full:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from full
+    except RuntimeError as wrapped:
+        assert _user_message(wrapped).startswith("A write failed: the disk is full. Any earlier file")
+    denied = PermissionError(errno.EACCES, "Permission denied", b"/runs/\xff")
+    assert _user_message(denied).startswith("Permission denied: '/runs/\udcff'")
+    assert _user_message(OSError(errno.EPERM, "Operation not permitted")) is None  # os.kill and the like: not a user's file
+
+
+def test_a_lock_file_that_is_a_pipe_or_a_link_is_named_never_waited_on(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for name, kind in (("fifo", r"a pipe \(FIFO\)"), ("link", "a link")):
+        with pytest.raises(UserError, match=rf"^Cannot lock the run folder: '{tmp_path / name}' is {kind}, where this program keeps an empty lock file"):
+            open_lock_file(tmp_path / name)  # a FIFO with no reader: opening it to write would wait forever
+    assert not (tmp_path / "elsewhere").exists() and stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    with open_lock_file(tmp_path / ".lock") as lock:  # the control
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert (tmp_path / ".lock").read_bytes() == b""

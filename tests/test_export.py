@@ -5,6 +5,7 @@ and, for an old checkpoint, in checkpointing/test_old_checkpoint.py."""
 from __future__ import annotations
 
 import errno
+import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,7 +38,9 @@ def test_an_output_that_is_a_folder_or_under_a_file_is_refused(tmp_path: Path, c
 def test_a_failed_write_keeps_the_previous_model_file(tmp_path: Path, monkeypatch, capsys) -> None:
     last = unpack_old_run(tmp_path)
     model = tmp_path / "model.pt2"
-    model.write_bytes(b"the previous export")
+    with zipfile.ZipFile(model, "w") as previous:  # what torch.export.save writes holds an archive_format record
+        previous.writestr("model/archive_format", "pt2")
+    before = model.read_bytes()
 
     def disk_full_half_way(program: object, f: BinaryIO) -> None:
         f.write(b"half a model")
@@ -46,4 +49,16 @@ def test_a_failed_write_keeps_the_previous_model_file(tmp_path: Path, monkeypatc
     monkeypatch.setattr(torch.export, "save", disk_full_half_way)
     err = export_error(capsys, str(last), str(model), "--format", "torch.export")
     assert f"Cannot write '{model}': the disk is full" in err
-    assert model.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "runs"]
+    assert model.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "runs"]
+
+
+def test_the_checkpoint_or_a_file_of_another_kind_is_never_the_output(tmp_path: Path, capsys) -> None:
+    last = unpack_old_run(tmp_path)
+    before = last.read_bytes()
+    assert f"The output '{last}' is the file this command reads" in export_error(capsys, str(last), str(last))
+    config = last.parent.parent / "config.yaml"
+    text = config.read_text()
+    assert f"The output '{config}' already exists and is not an ONNX model" in export_error(capsys, str(last), str(config))
+    (tmp_path / "model.onnx.json").write_bytes(before[:64])  # the JSON file beside the output is checked too
+    assert f"The output's JSON file '{tmp_path / 'model.onnx.json'}' already exists" in export_error(capsys, str(last), str(tmp_path / "model.onnx"))
+    assert last.read_bytes() == before and config.read_text() == text and not (tmp_path / "model.onnx").exists()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
+import stat
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from cifar_resnet.errors import UserError
 from cifar_resnet.predict import CSV_NAME, PredictionWriter, spreadsheet_safe
@@ -55,3 +59,33 @@ def test_an_output_or_row_count_that_cannot_work_is_refused_before_predicting(tm
         PredictionWriter(str(tmp_path / "a-file" / "out.csv"))
     with pytest.raises(UserError, match="prediction.rows_shown must be 0 or more, got -1"):
         PredictionWriter(rows_shown=-1)
+
+
+def test_a_checkpoint_or_a_link_to_a_pipe_is_never_the_output(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(UserError, match=rf"^--prediction.output '{checkpoint}' already exists and is not a CSV of predictions"):
+        PredictionWriter(str(checkpoint))
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "stdout").symlink_to(tmp_path / "pipe")  # /dev/stdout, when the output goes to a pipe
+    with pytest.raises(UserError, match=r"link to a pipe \(FIFO\), not a file.*`--prediction.output -` for standard output"):
+        PredictionWriter(str(tmp_path / "stdout"))
+    assert checkpoint.read_bytes() == before and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+
+
+def test_a_dash_writes_the_csv_to_standard_output_alone(tmp_path: Path, capsys) -> None:
+    bar = TQDMProgressBar()
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(predict_names=["a.png", "b.png"], class_names=[f"class{i}" for i in range(100)]),
+        is_global_zero=True, log_dir=str(tmp_path), default_root_dir=str(tmp_path), progress_bar_callback=bar,
+    )  # fmt: skip
+    writer = PredictionWriter("-")
+    writer.setup(trainer, None, "predict")
+    assert not bar.is_enabled  # the bar would write between the rows
+    predictions = [{"classes": torch.tensor([[3, 1, 2, 0, 4], [5, 6, 7, 8, 9]]), "probs": torch.full((2, 5), 0.2)}]
+    writer.write_on_epoch_end(trainer, None, predictions, [[0, 1]])
+    writer.teardown(trainer, None, "predict")
+    header, first, second = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert header[:3] == ["file", "class_1", "prob_1"] and first[:2] == ["a.png", "class3"] and second[:2] == ["b.png", "class5"]
+    assert not list(tmp_path.iterdir())  # no file written

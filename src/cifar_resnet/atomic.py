@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -32,10 +33,13 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
     """Call ``write`` on a binary file beside ``path``, flush it to disk, then rename it over ``path``.
 
     The file gets the permissions the umask gives new files (``mkstemp`` alone would make it 0600).
-    A full disk or a missing permission is a :class:`UserError` that names the file and says the
-    previous file is intact.
+    A ``path`` that is a link to a file is written through (the link stays); one that is a device, a pipe,
+    a folder or a link to one of them, or a dangling link, is refused (:func:`replaceable_target`). A full
+    disk or a missing permission is a :class:`UserError` that names the file and says the previous file is
+    intact; Ctrl-C in the middle of a write is the ``KeyboardInterrupt`` it was, not the error of the half
+    file that the writer raises on its way out.
     """
-    path = Path(path)
+    path = replaceable_target(Path(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,10 +54,67 @@ def atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in WRITE_ERRORS:
-            raise UserError(write_error_message(err, path)) from err
+        # torch.save's zip writer answers a failed write with its own RuntimeError ("unexpected pos"),
+        # raised while the real reason (a Ctrl-C, a full disk) is still being handled.
+        reason = first_in_chain(err, lambda e: isinstance(e, KeyboardInterrupt) or (isinstance(e, OSError) and e.errno in WRITE_ERRORS))
+        if isinstance(reason, KeyboardInterrupt):
+            raise reason from None
+        if isinstance(reason, OSError):
+            raise UserError(write_error_message(reason, path)) from err
         raise
     _fsync_dir(path.parent)
+
+
+def replaceable_target(path: Path, hint: str = "") -> Path:
+    """The file that writing ``path`` replaces: ``path`` itself, or the file a link at ``path`` points to.
+
+    Raises :class:`UserError` when that is not a regular file (a folder, a device such as ``/dev/null``, a pipe
+    such as ``/dev/stdout`` often is, a socket) or the link leads nowhere: renaming a new file over it would
+    destroy what is there, or the link. ``hint`` ends the message (", or ...").
+    """
+    link = path.is_symlink()
+    try:
+        kind = special_file_kind(os.stat(path).st_mode)  # follows links
+    except (FileNotFoundError, NotADirectoryError):
+        if not link:
+            return path  # a new file (a file in the way of its folder is named when the folder is made)
+        kind = "a link to nothing (what it points to does not exist)"
+    except OSError as err:
+        kind = "a link in a loop" if err.errno == errno.ELOOP else f"not readable ({err.strerror})"
+    else:
+        if kind is None:
+            return Path(os.path.realpath(path)) if link else path
+        kind = f"a link to {kind}" if link else kind
+    raise UserError(
+        f"Cannot write '{path}': it is {kind}, not a file, and would be replaced. Choose a file name{hint}."
+    )
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` ``mode`` is when it is no regular file ("a folder", "a device", "a pipe (FIFO)", ...)."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISFIFO(mode):
+        return "a pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def first_in_chain(err: BaseException, wanted: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in ``err``'s chain (itself, then what it was raised from or during) that is ``wanted``."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if wanted(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 # What stops a write, and what the user can do about it.
@@ -66,17 +127,17 @@ WRITE_ERRORS = {
 }
 
 
-def write_error_message(err: OSError, path: Path) -> str:
-    """One paragraph for a write to ``path`` that failed with ``err``."""
+def write_error_message(err: OSError, path: Path | None) -> str:
+    """One paragraph for a write to ``path`` (``None``: a file the error does not name) that failed with ``err``."""
     reason = WRITE_ERRORS.get(err.errno or 0, err.strerror or str(err))
-    blocker = file_in_the_way(path) if err.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    blocker = file_in_the_way(path) if path is not None and err.errno in (errno.ENOTDIR, errno.EEXIST) else None
     if blocker is not None:
         reason = f"'{blocker}' is a file, not a folder"
     fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you may write to"
+    what = f"Cannot write '{path}': {reason} (in the folder '{path.parent}')" if path is not None else f"A write failed: {reason}"
     return (
-        f"Cannot write '{path}': {reason} (in the folder '{path.parent}'). Any earlier file of that name and the "
-        f"checkpoints written before are intact; {fix} (or set `trainer.logger.init_args.save_dir`), then run the "
-        "command again (`--ckpt_path last` resumes a fit)."
+        f"{what}. Any earlier file of that name and the checkpoints written before are intact; {fix} (or set "
+        "`trainer.logger.init_args.save_dir`), then run the command again (`--ckpt_path last` resumes a fit)."
     )
 
 

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from cifar_resnet import __version__
-from cifar_resnet.atomic import WRITE_ERRORS, atomic_write, file_in_the_way, write_error_message
+from cifar_resnet.atomic import WRITE_ERRORS, atomic_write, file_in_the_way, first_in_chain, write_error_message
 from cifar_resnet.callbacks import FixedFormatProgressBar, HParamsSummary, RunFolderLock, StopChildProcessesOnError
 from cifar_resnet.checkpointing import LastCheckpoint, RandomStates, find_last_checkpoint, newest_checkpoint, wait_for_checkpoints
 from cifar_resnet.classifier import ImageClassifier
@@ -34,6 +34,7 @@ from cifar_resnet.config_files import check_config_files
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
+from cifar_resnet.folder_snapshot import FolderSnapshot
 from cifar_resnet.loggers import (
     RUN_IDS,
     RUN_RECORD,
@@ -254,8 +255,12 @@ class CifarCLI(CLIInternals):
             if isinstance(exit_.__context__, KeyboardInterrupt):
                 raise self._interrupted(signal.SIGINT) from None
             raise
-        except Exception:
+        except Exception as err:
+            # Ctrl-C inside a library's write (TensorBoard's, a checkpoint's) can surface as the library's own error.
+            if first_in_chain(err, lambda e: isinstance(e, KeyboardInterrupt)) is not None:
+                raise self._interrupted(signal.SIGINT) from None
             self._drop_unused_run_folder()
+            self._undo_failed_resume()
             raise
 
     def _drop_unused_run_folder(self) -> None:
@@ -271,6 +276,14 @@ class CifarCLI(CLIInternals):
         files = [p for p in folder.rglob("*") if not p.is_dir()]
         if all(p.name in UNUSED_RUN_FILES for p in files):
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _undo_failed_resume(self) -> None:
+        """After a resume failed before it wrote a checkpoint: leave its run folder as it was (the event files
+        and settings the loggers began would describe steps that the next resume takes again)."""
+        snapshot = getattr(self, "_resume_snapshot", None)
+        trainer = getattr(self, "trainer", None)
+        if snapshot is not None and trainer is not None and trainer.is_global_zero and not snapshot.wrote_checkpoint():
+            snapshot.restore()
 
     def _interrupted(self, signum: signal.Signals) -> Interrupted:
         """What to tell the user: the epoch that stopped and the newest checkpoint of the run."""
@@ -312,6 +325,7 @@ class CifarCLI(CLIInternals):
             config.weights_only = True
         self._run_dir: Path | None = None
         self._new_run_folder = True  # until it turns out to resume a run in its folder
+        self._resume_snapshot: FolderSnapshot | None = None
         logger = config.trainer.get("logger")
         if logger is False or (logger_configs(logger) and not owns_its_folder(logger)):
             experiment = Path(config.trainer.get("default_root_dir") or "runs") / _recipe_name(config)
@@ -355,6 +369,7 @@ class CifarCLI(CLIInternals):
                 self._run_dir = run_dir
                 resume_logger_runs(logger, run_dir)  # the same MLflow run, the same W&B run
             self._new_run_folder = False
+            self._resume_snapshot = FolderSnapshot.take(run_dir)
             # ... so its checkpoint folder is not empty, which is the point, not a mistake to warn about.
             warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty")
 
@@ -593,7 +608,10 @@ def main(args: ArgsType = None) -> None:
             print(stop.message(argv), file=sys.stderr, flush=True)
         raise SystemExit(stop.code) from None
     except Exception as err:
-        message = _user_message(err)
+        try:
+            message = _user_message(err)
+        except Exception:  # the handler must never hide the error it handles
+            message = None
         if message is None:
             raise
         print(f"cifar-resnet: error: {message}", file=sys.stderr)
@@ -609,6 +627,11 @@ def _drop_working_folder_from_path() -> None:
         del sys.path[0]
 
 
+# Errors that can only come from a write, so a message can name them without a file name (a file object's
+# write, as torch.save's or TensorBoard's, raises them without one).
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def _user_message(err: BaseException | None) -> str | None:
     """The message of the :class:`UserError` that ``err`` is or was raised from (jsonargparse wraps errors
     of the classes it builds), or of a file-system error a user can fix; ``None`` for anything else."""
@@ -619,13 +642,15 @@ def _user_message(err: BaseException | None) -> str | None:
             return str(err)
         if logger_message(err) is not None:
             return logger_message(err)
-        if isinstance(err, OSError) and os_error is None and err.filename:
+        if isinstance(err, OSError) and os_error is None and (err.filename or err.errno in FULL_OR_READ_ONLY):
             os_error = err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     if os_error is None:
         return None
-    name = os_error.filename
+    if not os_error.filename:
+        return write_error_message(os_error, None)
+    name = os.fsdecode(os_error.filename)  # TensorBoard's writer gives file names as bytes
     if os_error.errno in WRITE_ERRORS and os_error.errno not in (errno.EACCES, errno.EPERM):
         return write_error_message(os_error, Path(name))
     if os_error.errno in (errno.EACCES, errno.EPERM):

@@ -7,7 +7,6 @@ A figure is delivered as ``(tag, figure, step)`` to a :data:`FigureSink`: :class
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -20,6 +19,8 @@ from lightning.pytorch import Trainer
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from cifar_resnet.atomic import atomic_write
 
 # Where a finished figure goes: called with its tag, the figure and the global step it belongs to.
 FigureSink = Callable[[str, Figure, int], None]
@@ -69,11 +70,8 @@ class PNGFigures:
         self.folder = folder
 
     def __call__(self, tag: str, figure: Figure, step: int) -> None:
-        path = self.folder / tag / f"step_{step}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")  # a kill mid-write leaves no broken PNG under the name
-        Image.fromarray(render(figure)).save(partial, format="PNG")
-        os.replace(partial, path)
+        image = Image.fromarray(render(figure))
+        atomic_write(self.folder / tag / f"step_{step}.png", lambda f: image.save(f, format="PNG"))
 
 
 # The loggers that take images, by class name (no import of the optional packages), and their sinks.

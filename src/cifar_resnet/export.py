@@ -16,12 +16,13 @@ import torch
 from jsonargparse import auto_cli
 from torch import nn
 
-from cifar_resnet.atomic import atomic_write, atomic_write_text, output_file_problem
+from cifar_resnet.atomic import atomic_write, atomic_write_text
 from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.config_files import check_config_files
 from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError
+from cifar_resnet.outputs import check_output
 
 DATAMODULE_KEY = "CIFAR100DataModule"
 MODELS = {"ScratchResNet": ScratchResNet, "FineTunedResNet18": FineTunedResNet18}
@@ -97,14 +98,14 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
 
     Args:
         ckpt_path: A checkpoint written by ``cifar-resnet fit`` (e.g. runs/scratch/version_0/checkpoints/last.ckpt).
-        output: The file to write, e.g. ``model.onnx`` or ``model.pt2``.
+        output: The file to write, e.g. ``model.onnx`` or ``model.pt2`` (and ``output``.json). An existing file is
+            replaced only if it is an earlier export of the same format; never the checkpoint or a file of another kind.
         format: ``onnx`` (run it with onnxruntime) or ``torch.export`` (``torch.export.load``; a PyTorch program).
         weights_only: Load the checkpoint with ``torch.load(weights_only=True)``; false only for a trusted file.
     """
     path = Path(output)
-    problem = output_file_problem(path)
-    if problem:
-        raise UserError(f"The output '{output}' {problem}: give the path of the file to write, such as model.onnx.")
+    check_output(path, format, "The output", inputs=[ckpt_path])
+    check_output(Path(f"{path}.json"), "report", "The output's JSON file", inputs=[ckpt_path])
     checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only)
     info = deployment_info(checkpoint)
     net = network_of(checkpoint)

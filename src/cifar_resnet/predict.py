@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -12,11 +13,15 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cifar_resnet.atomic import atomic_write, output_file_problem
+from cifar_resnet.atomic import atomic_write
 from cifar_resnet.data.images import printable
 from cifar_resnet.errors import UserError
+from cifar_resnet.outputs import check_output
 
 CSV_NAME = "predictions.csv"
+STDOUT = "-"  # --prediction.output - : the CSV goes to standard output
+OPTION = "--prediction.output"
+TO_STDOUT = ", or `--prediction.output -` for standard output"
 
 
 def spreadsheet_safe(cell: str) -> str:
@@ -48,18 +53,23 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, output: str | None = None, rows_shown: int = 10) -> None:
         """
         Args:
-            output: Where ``predict`` writes its CSV; default ``predictions.csv`` in the run's log folder.
+            output: Where ``predict`` writes its CSV; default ``predictions.csv`` in the run's log folder; ``-``:
+                standard output. An existing file is replaced only if it is an earlier CSV of predictions (or empty).
             rows_shown: How many images' top-1 predictions are printed (all go to the CSV).
         """
         super().__init__(write_interval="epoch")
         if rows_shown < 0:
             raise UserError(f"prediction.rows_shown must be 0 or more, got {rows_shown}.")
-        problem = output_file_problem(Path(output)) if output is not None else None
-        if problem:
-            raise UserError(f"prediction.output '{output}' {problem}: give the path of a CSV file to write, such as predictions.csv.")
+        if output is not None and output != STDOUT:
+            check_output(Path(output), "predictions", OPTION, hint=TO_STDOUT)
         self.output = output
         self.rows_shown = rows_shown
         self._printout: str | None = None
+        self._table: list[list[str]] | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.output == STDOUT and trainer.progress_bar_callback is not None:
+            trainer.progress_bar_callback.disable()  # standard output carries the CSV alone
 
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
@@ -79,12 +89,16 @@ class PredictionWriter(BasePredictionWriter):
         datamodule = trainer.datamodule
         item_names = datamodule.predict_names
         class_names = [printable(name) for name in datamodule.class_names]
-        path = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / CSV_NAME
         top_k = len(rows[0][1]) if rows else 0
         table = [["file", *(f"{kind}_{k + 1}" for k in range(top_k) for kind in ("class", "prob"))]]
         for index, classes, probs in rows:
             cells = [value for c, p in zip(classes, probs) for value in (class_names[c], f"{p:.4f}")]
             table.append([spreadsheet_safe(cell) for cell in (item_names[index], *cells)])
+        if self.output == STDOUT:
+            self._table = table  # printed at teardown, once the progress bar is done with the terminal
+            return
+        path = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / CSV_NAME
+        check_output(path, "predictions", OPTION, inputs=[getattr(trainer, "ckpt_path", None)], hint=TO_STDOUT)
         try:
             write_csv_atomically(path, table)
         except OSError as err:
@@ -104,3 +118,9 @@ class PredictionWriter(BasePredictionWriter):
         if self._printout is not None:
             print(self._printout, flush=True)
             self._printout = None
+        if self._table is not None:
+            text = io.StringIO()
+            csv.writer(text).writerows(self._table)
+            sys.stdout.write(text.getvalue())
+            sys.stdout.flush()
+            self._table = None

@@ -11,6 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from cifar_resnet.atomic import atomic_write_text
+from cifar_resnet.outputs import check_output
 from cifar_resnet.callbacks import data_questions
 from cifar_resnet.figures import per_class_accuracy, superclass_accuracy
 
@@ -59,6 +60,7 @@ class TestReport(Callback):
             return
         report = build_report(trainer, confusion, stage)
         path = Path(trainer.log_dir or trainer.default_root_dir) / REPORT_NAMES[stage]
+        check_output(path, "report", "The report")
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
         self._printout = format_report(report, self.num_classes_shown) + f"\nSaved to {path}"
 

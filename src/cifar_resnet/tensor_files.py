@@ -27,6 +27,8 @@ def not_a_file(path: Path) -> str | None:
         return "is a folder, not a file"
     if path.exists():
         return "is not a regular file (a device, pipe or socket)"
+    if path.is_symlink():
+        return "is a link that leads nowhere (to a missing file, or in a loop)"
     return "not found"
 
 

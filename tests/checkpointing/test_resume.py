@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -210,6 +211,23 @@ def test_last_is_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     write(new / "last.ckpt", b"complete, newer")
     assert find_last_checkpoint(tmp_path) == new / "last.ckpt"
     assert find_last_checkpoint(tmp_path / "nothing") is None
+
+
+def test_last_skips_links_that_lead_nowhere_and_folders_saying_so(tmp_path: Path, caplog) -> None:
+    checkpoints = tmp_path / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    good = checkpoints / "best-epoch=0-top1=0.0300.ckpt"
+    good.write_bytes(b"complete")
+    os.utime(good, ns=(1_700_000_000 * 10**9,) * 2)
+    (checkpoints / "last.ckpt").symlink_to(checkpoints / "gone.ckpt")  # newer than the good one, and dangling
+    (checkpoints / "loop-a.ckpt").symlink_to(checkpoints / "loop-b.ckpt")
+    (checkpoints / "loop-b.ckpt").symlink_to(checkpoints / "loop-a.ckpt")
+    (checkpoints / "folder.ckpt").mkdir()
+    with caplog.at_level(logging.INFO):
+        assert find_last_checkpoint(tmp_path) == good
+    skipped = [record.getMessage() for record in caplog.records if "so it was skipped" in record.getMessage()]
+    assert len(skipped) == 4 and f"'{checkpoints / 'last.ckpt'}' is a link that leads nowhere" in " ".join(skipped)
+    assert f"'{checkpoints / 'folder.ckpt'}' is a folder, not a file" in " ".join(skipped)
 
 
 def test_a_kill_during_a_background_write_keeps_the_previous_checkpoint_and_resumes_exactly(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import math
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from cifar_resnet.atomic import special_file_kind
 from cifar_resnet.compat import kill_launched_processes
 from cifar_resnet.errors import UserError
 
@@ -105,7 +107,7 @@ class RunFolderLock(Callback):
             return
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / self.LOCK_NAME, "a")  # noqa: SIM115 (held until teardown)
+        lock = open_lock_file(folder / self.LOCK_NAME)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -126,3 +128,27 @@ class RunFolderLock(Callback):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def open_lock_file(path: Path) -> IO[str]:
+    """``path`` opened for appending, as a regular file: never through a link (which could create or lock a file
+    elsewhere) and never blocking on a pipe (opening a FIFO waits for a reader)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    fd = None
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        kind = "a link" if path.is_symlink() else special_file_kind(path.lstat().st_mode) if path.exists() else None
+        if kind is None:
+            raise  # a folder that may not be written: the CLI's own message
+    else:
+        kind = special_file_kind(os.fstat(fd).st_mode)
+    if kind is not None:
+        if fd is not None:
+            os.close(fd)
+        raise UserError(
+            f"Cannot lock the run folder: '{path}' is {kind}, where this program keeps an empty lock file. Delete it "
+            "and run the command again."
+        )
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a")

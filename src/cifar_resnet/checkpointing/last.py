@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+
+from cifar_resnet.tensor_files import not_a_file
 
 LAST = "last.ckpt"
 
@@ -22,8 +25,18 @@ def find_last_checkpoint(experiment_dir: str | Path) -> Path | None:
 
 
 def newest_checkpoint(candidates: Iterable[Path]) -> Path | None:
-    """The most recently written of ``candidates``; on equal times ``last.ckpt`` (both hold the same step)."""
-    return max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == LAST), default=None)
+    """The most recently written of ``candidates``; on equal times ``last.ckpt`` (both hold the same step).
+
+    A candidate that is no file (a folder, a link to nothing or in a loop, a pipe) is skipped with one line.
+    """
+    files = []
+    for path in candidates:
+        problem = not_a_file(path)
+        if problem is None:
+            files.append((path.stat().st_mtime_ns, path.name == LAST, path))
+        else:
+            rank_zero_info(f"Looking for the newest checkpoint: '{path}' {problem}, so it was skipped.")
+    return max(files, key=lambda found: found[:2])[2] if files else None
 
 
 class LastCheckpoint(ModelCheckpoint):
