@@ -1,8 +1,9 @@
 """Reading the user's own image files for ``predict``: any size, mode or bit depth, as CIFAR-like uint8 squares.
 
-Memory: the decoded image is the one full-size copy. What follows works on pieces of at most
-``PIECE_PIXELS`` pixels, or, for an image over ``SHRINK_ABOVE_PIXELS``, on its centred square shrunk
-early by box averaging; so decoding an image within ``MAX_DECODED_BYTES`` needs little more than that.
+Memory: an image over ``SHRINK_ABOVE_PIXELS`` is read a piece of at most ``PIECE_PIXELS`` pixels at a
+time, its centred square shrunk early by box averaging: the decoded image is its one full-size copy, so
+any image within ``MAX_DECODED_BYTES`` is read in little more than that. A smaller image goes the plain
+way (a few full-size copies of at most 2^24 pixels: a few hundred MB at most).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def value_range(image: Image.Image) -> tuple[float, float]:
             low, high = min(low, float(values.min())), max(high, float(values.max()))
     if bad:
         raise ValueError(
-            f"{bad} of its {image.width * image.height} pixels are NaN or infinite (a float image); "
-            "replace them with numbers (or save it as an 8- or 16-bit image)"
+            f"{bad} of its {image.width * image.height} pixels are NaN or infinite, in a float image: "
+            "replace them with numbers, or save it as an 8- or 16-bit image"
         )
     return low, high
 
