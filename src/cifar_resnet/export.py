@@ -20,7 +20,7 @@ from cifar_resnet.atomic import atomic_write, atomic_write_text
 from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.config_files import check_config_files
-from cifar_resnet.data.images import read_images
+from cifar_resnet.data.images import SHRINK_ABOVE_PIXELS, read_images
 from cifar_resnet.errors import UserError
 from cifar_resnet.outputs import check_output
 
@@ -76,6 +76,9 @@ def preprocessing_steps(output_size: int, tta: bool) -> list[str]:
     read_size = inspect.signature(read_images).parameters["size"].default
     steps = [
         f"Open the file with Pillow; a JPEG is decoded in draft mode, at a reduced scale no smaller than {4 * read_size}x{4 * read_size} (Image.draft('RGB', ({4 * read_size}, {4 * read_size}))).",
+        f"An image of more than {SHRINK_ABOVE_PIXELS} pixels after that: cut its centred square (side = the shorter side, left = (width - side) // 2, "
+        f"top = (height - side) // 2) and shrink it by box averaging with Image.reduce(max(1, side // {4 * read_size})), in RGB (convert('RGB') first), "
+        "or, for 16-bit, 32-bit integer and float greyscale, in float (mode 'F'); the range scaling below still uses the whole image's lowest and highest values.",
         "Turn it upright as its EXIF orientation tag says (PIL.ImageOps.exif_transpose).",
         "16-bit, 32-bit integer and float greyscale images: scale their real range to 8 bits (0-65535 -> /257, float 0-1 -> x255, any other range stretched to 0-255); 8-bit images stay as they are.",
         "Convert to RGB with Pillow's convert('RGB'): a palette image takes its palette's colours, greyscale is repeated in R, G and B, and an alpha channel is dropped (not composited over any background).",

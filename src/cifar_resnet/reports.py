@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ class TestReport(Callback):
 
 
 def build_report(trainer: Trainer, confusion: Tensor, stage: str = "test") -> dict[str, Any]:
-    """``stage``'s metrics, per-class and per-superclass accuracy, as plain JSON-ready values."""
+    """``stage``'s metrics, per-class and per-superclass accuracy, as plain JSON-ready values (an accuracy
+    is ``None`` for a class or superclass without images)."""
     data = data_questions(trainer)
     names, super_names = data.class_names, data.superclass_names
     counts = confusion.sum(dim=1)
@@ -85,13 +87,18 @@ def build_report(trainer: Trainer, confusion: Tensor, stage: str = "test") -> di
         "checkpoint": trainer.ckpt_path,
         "images": int(counts.sum()),
         "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")},
-        "classes": {names[i]: {"accuracy": float(accuracy[i]), "images": int(counts[i])} for i in range(len(names))},
+        "classes": {names[i]: {"accuracy": share(accuracy[i]), "images": int(counts[i])} for i in range(len(names))},
         "superclasses": {
-            name: {"accuracy": float(exact[s]), "right_superclass": float(coarse[s])} for s, name in enumerate(super_names)
+            name: {"accuracy": share(exact[s]), "right_superclass": share(coarse[s])} for s, name in enumerate(super_names)
         },
         "best_classes": [names[i] for i in ranked],
         "worst_classes": [names[i] for i in reversed(ranked)],
     }
+
+
+def share(value: Tensor) -> float | None:
+    """An accuracy as JSON: ``None`` (``null``) where there were no images to measure it on (NaN)."""
+    return None if math.isnan(float(value)) else float(value)
 
 
 def format_report(report: dict[str, Any], shown: int) -> str:

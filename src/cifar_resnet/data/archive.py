@@ -154,8 +154,10 @@ class Cifar100:
     superclass_names: list[str]
 
     def fine_to_coarse(self) -> torch.Tensor:
-        """Superclass index of each of the 100 classes, read off the training labels."""
+        """Superclass index of each of the 100 classes, read off the training labels (then the test labels,
+        for a class with no training images); -1 for a class with no images at all (a subset of CIFAR-100)."""
         mapping = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
+        mapping[self.test.labels] = self.test.coarse_labels
         mapping[self.train.labels] = self.train.coarse_labels
         return mapping
 

@@ -12,6 +12,7 @@ import io
 import pickle
 import struct
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,13 @@ def fine_to_coarse() -> np.ndarray:
     return np.random.default_rng(100).permutation(np.repeat(np.arange(NUM_SUPERCLASSES), 5))
 
 
-def synthetic_split(n: int, seed: int, name: bytes) -> dict:
-    """A split of ``n`` learnable images: each class has its own colour pattern, plus noise."""
+def synthetic_split(n: int, seed: int, name: bytes, classes: Sequence[int] | None = None) -> dict:
+    """A split of ``n`` learnable images: each class has its own colour pattern, plus noise. The images
+    are of ``classes`` only (all 100 by default), in turn."""
     rng = np.random.default_rng(seed)
     patterns = np.random.default_rng(0).integers(0, 256, size=(NUM_CLASSES, 3, 8, 8))
-    labels = np.arange(n) % NUM_CLASSES
+    occurring = np.arange(NUM_CLASSES) if classes is None else np.asarray(classes, dtype=np.int64)
+    labels = occurring[np.arange(n) % len(occurring)]
     rng.shuffle(labels)
     images = patterns[labels].repeat(4, axis=2).repeat(4, axis=3) + rng.normal(0, 40, size=(n, 3, 32, 32))
     data = np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072)
@@ -70,26 +73,35 @@ def synthetic_split(n: int, seed: int, name: bytes) -> dict:
     }
 
 
-def synthetic_members(n_train: int = 500, n_test: int = 200, seed: int = 0) -> dict[str, bytes]:
-    """The bytes of ``train``, ``test`` and ``meta`` for a synthetic archive."""
+def synthetic_members(
+    n_train: int = 500, n_test: int = 200, seed: int = 0, classes: Sequence[int] | None = None
+) -> dict[str, bytes]:
+    """The bytes of ``train``, ``test`` and ``meta`` for a synthetic archive (images of ``classes`` only, if given)."""
     meta = {
         b"fine_label_names": [f"class_{i:02d}".encode() for i in range(NUM_CLASSES)],
         b"coarse_label_names": [f"superclass_{i:02d}".encode() for i in range(NUM_SUPERCLASSES)],
     }
     return {
-        "train": py2_pickle(synthetic_split(n_train, seed, b"training batch 1 of 1")),
-        "test": py2_pickle(synthetic_split(n_test, seed + 1, b"testing batch 1 of 1")),
+        "train": py2_pickle(synthetic_split(n_train, seed, b"training batch 1 of 1", classes)),
+        "test": py2_pickle(synthetic_split(n_test, seed + 1, b"testing batch 1 of 1", classes)),
         "meta": py2_pickle(meta),
     }
 
 
 def write_synthetic_archive(
-    data_dir: Path, n_train: int = 500, n_test: int = 200, seed: int = 0, folder: bool = True, tar: bool = False
+    data_dir: Path,
+    n_train: int = 500,
+    n_test: int = 200,
+    seed: int = 0,
+    folder: bool = True,
+    tar: bool = False,
+    classes: Sequence[int] | None = None,
 ) -> Path:
-    """Write ``cifar-100-python/`` and/or ``cifar-100-python.tar.gz`` into ``data_dir``; returns ``data_dir``."""
+    """Write ``cifar-100-python/`` and/or ``cifar-100-python.tar.gz`` into ``data_dir``; returns ``data_dir``.
+    With ``classes``, only those classes have images (as in a user's subset of CIFAR-100)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    members = synthetic_members(n_train, n_test, seed)
+    members = synthetic_members(n_train, n_test, seed, classes)
     if folder:
         (data_dir / FOLDER_NAME).mkdir(exist_ok=True)
         for name, payload in members.items():
