@@ -111,8 +111,8 @@ def test_every_file_the_program_writes_goes_through_the_atomic_writer() -> None:
                 continue
             name = ast.unparse(node.func)
             method = name.rsplit(".", 1)[-1]
-            modes = [ast.unparse(arg) for arg in node.args[1:2]] + [ast.unparse(k.value) for k in node.keywords if k.arg == "mode"]
-            opens_to_write = method == "open" and any(letter in mode for mode in modes for letter in "wax")
+            modes = [arg.value for arg in [*node.args[1:2], *(k.value for k in node.keywords if k.arg == "mode")] if isinstance(arg, ast.Constant)]
+            opens_to_write = method == "open" and name != "os.open" and any(letter in str(mode) for mode in modes for letter in "wax")
             read_only = name == "os.open" and "O_RDONLY" in "".join(ast.unparse(arg) for arg in node.args[1:2])
             if (name in WRITING_FUNCTIONS and not read_only) or method in WRITING_METHODS or opens_to_write:
                 found.add((module, name if name in WRITING_FUNCTIONS else method))
