@@ -492,6 +492,20 @@ def test_ctrl_c_while_a_checkpoint_is_written_ends_like_any_ctrl_c(cifar_dir: Pa
     assert hashes(run_dir / "checkpoints") == before and not list(run_dir.rglob("*.tmp"))
 
 
+def test_a_disk_that_fills_up_while_test_writes_its_report_leaves_no_empty_report(cifar_dir: Path, trained: dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the report's bytes reach the disk at fsync, and find it full
+        if "test_report.json" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    err = fails(capsys, "test", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(trained["scratch"]))
+    assert re.search(r"Cannot write '.*/test_report\.json': the disk is full", err)
+    assert not [p for p in (tmp_path / "runs").rglob("*") if "test_report" in p.name]
+
+
 def test_unreadable_data_says_permission_denied(cifar_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     shutil.copytree(cifar_dir / FOLDER_NAME, tmp_path / "data" / FOLDER_NAME)
     denied = tmp_path / "data" / FOLDER_NAME / "train"
