@@ -34,7 +34,7 @@ from cifar_resnet.config_files import check_config_files
 from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
-from cifar_resnet.folder_snapshot import FolderSnapshot
+from cifar_resnet.folder_snapshot import FolderSnapshot, StepCounter
 from cifar_resnet.loggers import (
     RUN_IDS,
     RUN_RECORD,
@@ -278,11 +278,13 @@ class CifarCLI(CLIInternals):
             shutil.rmtree(folder, ignore_errors=True)
 
     def _undo_failed_resume(self) -> None:
-        """After a resume failed before it wrote a checkpoint: leave its run folder as it was (the event files
-        and settings the loggers began would describe steps that the next resume takes again)."""
+        """After a resume failed before it trained a step or wrote a checkpoint (a checkpoint that does not fit,
+        say): leave its run folder as it was, without the event files and settings the loggers began."""
         snapshot = getattr(self, "_resume_snapshot", None)
         trainer = getattr(self, "trainer", None)
-        if snapshot is not None and trainer is not None and trainer.is_global_zero and not snapshot.wrote_checkpoint():
+        if snapshot is None or trainer is None or not trainer.is_global_zero or self._steps.steps:
+            return
+        if not snapshot.wrote_checkpoint():
             snapshot.restore()
 
     def _interrupted(self, signum: signal.Signals) -> Interrupted:
@@ -326,6 +328,7 @@ class CifarCLI(CLIInternals):
         self._run_dir: Path | None = None
         self._new_run_folder = True  # until it turns out to resume a run in its folder
         self._resume_snapshot: FolderSnapshot | None = None
+        self._steps = StepCounter()
         logger = config.trainer.get("logger")
         if logger is False or (logger_configs(logger) and not owns_its_folder(logger)):
             experiment = Path(config.trainer.get("default_root_dir") or "runs") / _recipe_name(config)
@@ -396,6 +399,8 @@ class CifarCLI(CLIInternals):
                 keep_logged_params(trainer)
         if not getattr(self, "_new_run_folder", True):
             _keep_csv_rows(trainer)
+        if getattr(self, "_resume_snapshot", None) is not None:
+            trainer.callbacks.append(self._steps)
         return trainer
 
     def after_instantiate_classes(self) -> None:

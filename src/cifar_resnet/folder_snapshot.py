@@ -1,5 +1,5 @@
-"""A run folder as it was before a resume, so that a resume that fails before its first checkpoint can leave
-the folder as it found it: no new event files, no rewritten ``hparams.yaml``."""
+"""A run folder as it was before a resume, so that a resume that fails before it trained a step or wrote a
+checkpoint can leave the folder as it found it: no new event files, no rewritten ``hparams.yaml``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from cifar_resnet.atomic import atomic_write
 
@@ -80,3 +83,14 @@ class FolderSnapshot:
                 continue
             changed.append(name)
         return changed
+
+
+class StepCounter(Callback):
+    """Counts the training steps this command completed (a failed resume that completed none is undone; one that
+    did keeps its logs, which show what went wrong)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.steps += 1
