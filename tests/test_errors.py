@@ -569,7 +569,7 @@ def test_the_error_handler_names_file_system_errors_however_they_come(tmp_path: 
         except OSError as full:
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from full
     except RuntimeError as wrapped:
-        assert _user_message(wrapped).startswith("A write failed: the disk is full. Any earlier file")
+        assert _user_message(wrapped).startswith("A write failed: the disk is full. The files written before it")
     denied = PermissionError(errno.EACCES, "Permission denied", b"/runs/\xff")
     assert _user_message(denied).startswith("Permission denied: '/runs/\udcff'")
     assert _user_message(OSError(errno.EPERM, "Operation not permitted")) is None  # os.kill and the like: not a user's file

@@ -338,11 +338,11 @@ def test_predict_refuses_an_image_too_large_to_decode(reviewed: ReviewedRun, tmp
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
     (tmp_path / "huge.png").write_bytes(png)
     existing = tmp_path / "p.csv"
-    existing.write_text("earlier predictions\n")
+    existing.write_text("file,class_1,prob_1\nearlier.png,apple,0.9000\n")  # an earlier run's predictions
     _, proc = predictions(reviewed, tmp_path / "huge.png", tmp_path, expect_ok=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "huge.png' (too large" in proc.stderr
-    assert existing.read_text() == "earlier predictions\n", "a failed predict leaves the earlier CSV alone"
+    assert existing.read_text() == "file,class_1,prob_1\nearlier.png,apple,0.9000\n", "a failed predict leaves the earlier CSV alone"
 
 
 def test_the_csv_is_replaced_whole_or_not_at_all(tmp_path: Path) -> None:

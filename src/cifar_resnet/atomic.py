@@ -134,9 +134,12 @@ def write_error_message(err: OSError, path: Path | None) -> str:
     if blocker is not None:
         reason = f"'{blocker}' is a file, not a folder"
     fix = "free some space" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "choose a folder you may write to"
-    what = f"Cannot write '{path}': {reason} (in the folder '{path.parent}')" if path is not None else f"A write failed: {reason}"
+    if path is None:
+        what = f"A write failed: {reason}. The files written before it (checkpoints, config.yaml) are intact"
+    else:
+        what = f"Cannot write '{path}': {reason} (in the folder '{path.parent}'). Any earlier file of that name and the checkpoints written before are intact"
     return (
-        f"{what}. Any earlier file of that name and the checkpoints written before are intact; {fix} (or set "
+        f"{what}; {fix} (or set "
         "`trainer.logger.init_args.save_dir`), then run the command again (`--ckpt_path last` resumes a fit)."
     )
 
