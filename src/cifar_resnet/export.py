@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import reprlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +18,10 @@ from jsonargparse import auto_cli
 from torch import nn
 
 from cifar_resnet.atomic import atomic_write, atomic_write_text, output_file_problem
-from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
+from cifar_resnet.checkpointing import check_checkpoint_fits, network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.config_files import check_config_files
+from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.data.images import read_images
 from cifar_resnet.errors import UserError
 
@@ -27,8 +29,9 @@ DATAMODULE_KEY = "CIFAR100DataModule"
 MODELS = {"ScratchResNet": ScratchResNet, "FineTunedResNet18": FineTunedResNet18}
 
 
-def network_of(checkpoint: dict[str, Any]) -> nn.Module:
-    """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module)."""
+def network_of(checkpoint: dict[str, Any], path: str | None = None) -> nn.Module:
+    """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module), once
+    the checkpoint passed the check that ``fit``, ``test`` and ``predict`` make (its weights fit the network)."""
     hparams = checkpoint.get("hyper_parameters", {})
     kind = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
     if kind not in MODELS:
@@ -36,7 +39,20 @@ def network_of(checkpoint: dict[str, Any]) -> nn.Module:
     # The model builds its own network from the settings that say what it is; a setting the checkpoint
     # predates was trained as its default says (checkpointing.check_checkpoint_fits).
     model_class = MODELS[kind]
-    net = model_class(**{name: hparams[name] for name in network_settings(model_class) if name in hparams}).net
+    if hparams.get("num_classes", NUM_CLASSES) != NUM_CLASSES:  # checked before a head of that many outputs is built
+        raise UserError(
+            f"The checkpoint '{path}' holds a model of num_classes={reprlib.repr(hparams['num_classes'])}, but CIFAR-100 has "
+            f"{NUM_CLASSES} classes, which its class names name: it is damaged or was not written by this program."
+        )
+    try:
+        model = model_class(**{name: hparams[name] for name in network_settings(model_class) if name in hparams})
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(
+            f"The checkpoint '{path}' is damaged or was not written by this program: its settings do not build a {kind} "
+            f"({str(err).rstrip('.')}). Pass a checkpoint from a run's checkpoints/ folder."
+        ) from err
+    check_checkpoint_fits(model, checkpoint, path)
+    net = model.net
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()
 
@@ -107,7 +123,7 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
         raise UserError(f"The output '{output}' {problem}: give the path of the file to write, such as model.onnx.")
     checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only)
     info = deployment_info(checkpoint)
-    net = network_of(checkpoint)
+    net = network_of(checkpoint, ckpt_path)
     size = info["input"]["shape"][-1]
     example = torch.zeros(2, 3, size, size)
     batch = {0: torch.export.Dim("batch", min=1)}  # any batch size

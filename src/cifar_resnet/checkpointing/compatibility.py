@@ -4,17 +4,21 @@ reads, with the config's network settings; a setting added later takes its defau
 from __future__ import annotations
 
 import inspect
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from packaging.version import InvalidVersion, Version
 from torch import Tensor
 
+from cifar_resnet.data.datamodule import CIFAR100DataModule, checkpoint_state_problem
 from cifar_resnet.errors import UserError
 from cifar_resnet.models.state_dicts import state_dict_mismatch
-from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors, not_a_file
+from cifar_resnet.tensor_files import ForeignFile, UnreadableFile, UnsafeFile, check_torch_zip, load_tensors, not_a_file
 
 # Where a checkpoint says which layout it has. Raise SCHEMA_VERSION when a checkpoint's layout changes in a
 # way older checkpoints need converting for (a setting renamed or removed, a state moved); a setting added
@@ -61,7 +65,13 @@ def network_settings(cls: type) -> frozenset[str]:
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``torch.load`` (``weights_only`` by default), with clear errors."""
+    """Load a Lightning checkpoint with ``torch.load`` (``weights_only`` by default), with clear errors: the one
+    check every command that reads a checkpoint (fit, validate, test, predict, export) goes through.
+
+    Before ``torch.load``, the file must be laid out as ``torch.save`` writes it (:func:`check_torch_zip`: no
+    compressed or overlapping records, no record larger than its tensors), so a small file cannot take a large
+    load; after it, every part must have the shape and values this program writes (:func:`malformed`).
+    """
     path = Path(path)
     problem = not_a_file(path)
     if problem:
@@ -70,11 +80,22 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             "also takes `--ckpt_path last`)."
         )
     try:
+        check_torch_zip(path, weights_only=weights_only)
         checkpoint = load_tensors(path, map_location=map_location, weights_only=weights_only)
     except UnsafeFile as err:
+        if err.name:
+            raise UserError(
+                f"Refusing to load checkpoint '{path}': the file asks to run code ({err.name}), which no checkpoint "
+                "of this program does. Only load checkpoints this program wrote."
+            ) from err
         raise UserError(
             f"Refusing to load checkpoint '{path}': it holds objects other than tensors and plain values, which "
             f"could run code when loaded ({err}). Only load checkpoints this program wrote."
+        ) from err
+    except ForeignFile as err:
+        raise UserError(
+            f"Refusing to load checkpoint '{path}': it is damaged or was not written by this program: {err}. Pass a "
+            "checkpoint from a run's checkpoints/ folder."
         ) from err
     except UnreadableFile as err:
         raise UserError(
@@ -110,9 +131,19 @@ CHECKPOINT_PARTS: dict[str, type | tuple[type, ...]] = {
 }
 
 
+# The Lightning version a checkpoint records, which Lightning parses to migrate it.
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+# Bounds on the settings a checkpoint carries, far above any this program writes: a crafted file's
+# megabyte-long strings would otherwise end up in messages, reports and exported files.
+MAX_TEXT = 4096
+MAX_ITEMS = 1000
+MAX_DEPTH = 16
+
+
 def malformed(checkpoint: Mapping[str, Any]) -> str | None:
-    """What in ``checkpoint`` has a shape no checkpoint of this program has (``None``: nothing), so that a
-    damaged or crafted file is refused with a sentence, not a traceback from deep inside a load."""
+    """What in ``checkpoint`` has a shape or value no checkpoint of this program has (``None``: nothing), so that
+    a damaged or crafted file is refused with a sentence, not a traceback from deep inside a load, nor believed:
+    the data settings it carries pass the config's own checks."""
     for key, kind in CHECKPOINT_PARTS.items():
         value = checkpoint.get(key)
         if key in checkpoint and (not isinstance(value, kind) or isinstance(value, bool)):
@@ -129,6 +160,78 @@ def malformed(checkpoint: Mapping[str, Any]) -> str | None:
     schema = checkpoint.get(SCHEMA_KEY, {}).get("schema", 0)
     if not isinstance(schema, int) or isinstance(schema, bool):
         return f"its schema version is a {type(schema).__name__}"
+    for key in ("hyper_parameters", "datamodule_hyper_parameters", SCHEMA_KEY):
+        problem = _oversized(checkpoint.get(key, {}))
+        if problem:
+            return f"its '{key}' {problem}"
+    version = checkpoint.get(LIGHTNING_VERSION_KEY, "0")
+    if not isinstance(version, str) or len(version) > 64 or not _parses(version):
+        return f"its '{LIGHTNING_VERSION_KEY}' ({reprlib.repr(version)}) is not a version number"
+    if CIFAR100DataModule.__qualname__ in checkpoint:
+        problem = checkpoint_state_problem(checkpoint[CIFAR100DataModule.__qualname__])
+        if problem:
+            return problem
+    return _random_states_problem(checkpoint.get("callbacks", {}).get("RandomStates")) or _optimizer_states_problem(
+        checkpoint.get("optimizer_states", [])
+    )
+
+
+def _oversized(value: Any, depth: int = 0) -> str | None:
+    """Where the plain value ``value`` holds text, collections or nesting beyond any setting of this program."""
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return f"holds a text of {len(value):,} characters (at most {MAX_TEXT:,})"
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        if depth > MAX_DEPTH:
+            return f"is nested more than {MAX_DEPTH} deep"
+        if len(value) > MAX_ITEMS:
+            return f"holds a collection of {len(value):,} items (at most {MAX_ITEMS:,})"
+        items = [*value.keys(), *value.values()] if isinstance(value, Mapping) else list(value)
+        for item in items:
+            problem = _oversized(item, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _parses(version: str) -> bool:
+    """Whether ``version`` is a version number Lightning can compare."""
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True
+
+
+def _random_states_problem(states: Any) -> str | None:
+    """What about the random generators' states (``RandomStates``' part) this program never writes, or ``None``."""
+    if states is None:
+        return None
+    expected = {"cpu": torch.get_rng_state().numel()}
+    if not isinstance(states, Mapping) or not set(states) <= {"cpu", "cuda"}:
+        return "its random generator states are not a CPU and a CUDA state"
+    for device, state in states.items():
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1 or state.numel() > 2**16:
+            return f"its random generator state ('{device}') is not a generator state (a row of bytes)"
+        if device in expected and state.numel() != expected[device]:
+            return f"its random generator state ('{device}') has {state.numel()} bytes, not {expected[device]}"
+    return None
+
+
+def _optimizer_states_problem(states: list[Any]) -> str | None:
+    """What about the optimizers' states this program never writes (beyond :func:`malformed`'s param_groups), or
+    ``None``: parameters are numbered once each, and each parameter's state is named tensors and numbers."""
+    for state in states:
+        ids = [p for group in state["param_groups"] for p in group["params"]]
+        if not all(type(p) is int for p in ids) or len(set(ids)) != len(ids):
+            return "its 'optimizer_states' number their parameters other than once each"
+        per_parameter = state.get("state", {})
+        if not isinstance(per_parameter, Mapping) or not set(per_parameter) <= set(ids):
+            return "its 'optimizer_states' hold state of parameters they do not list"
+        for value in per_parameter.values():
+            if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (Tensor, int, float, list))) for k, v in value.items()
+            ):
+                return "its 'optimizer_states' hold a parameter state that is not named tensors and numbers"
     return None
 
 
@@ -191,24 +294,38 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], p
         )
 
 
-def check_optimizer_fits(checkpoint: Mapping[str, Any], optimizer: str, group_sizes: list[int], path: str | None = None) -> None:
+def check_optimizer_fits(
+    checkpoint: Mapping[str, Any], optimizer: str, group_sizes: list[int], path: str | None = None, shapes: list[torch.Size] | None = None
+) -> None:
     """Refuse to resume a fit whose config asks for another optimizer class (``optimizer``, a class name) or
     other parameter groups (``group_sizes``, parameters per group) than the checkpoint's optimizer state has:
-    torch would load that state and fail at the first step (SGD given Adam's groups: ``KeyError: 'momentum'``)."""
+    torch would load that state and fail at the first step (SGD given Adam's groups: ``KeyError: 'momentum'``).
+    With ``shapes`` (the parameters', in group order), a parameter's state (Adam's averages, a momentum) must
+    have its parameter's shape too, or torch would fail at the first step with a size mismatch."""
     states = checkpoint.get("optimizer_states") or []
     if not states:
         return
     recorded = checkpoint.get("hyper_parameters", {}).get("optimizer")
     trained = str(recorded.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(recorded, Mapping) else ""
     saved = [len(group["params"]) for group in states[0]["param_groups"]]
+    name = f" '{path}'" if path else ""
     if (trained and trained != optimizer) or saved != group_sizes:
-        name = f" '{path}'" if path else ""
         raise UserError(
             f"The checkpoint{name} holds the state of {trained or 'its optimizer'} over {_groups(saved)}, but the config "
             f"asks for {optimizer} over {_groups(group_sizes)}. Resuming a fit continues the optimizer's state, which "
             "only the same optimizer and parameter groups can take: resume with the run's config (config.yaml in its "
             "run folder), leaving `optimizer` and `weight_decay_norm_and_bias` as they were."
         )
+    if shapes is None or optimizer == "LBFGS":  # LBFGS keeps one flat state for all parameters
+        return
+    ids = [p for group in states[0]["param_groups"] for p in group["params"]]
+    for position, (index, shape) in enumerate(zip(ids, shapes)):
+        for key, value in states[0].get("state", {}).get(index, {}).items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != shape:
+                raise damaged_part(
+                    f"optimizer state ('{key}' of parameter {position})",
+                    f"has shape {tuple(value.shape)}, but the parameter has shape {tuple(shape)}",
+                )
 
 
 def _groups(sizes: list[int]) -> str:
