@@ -99,16 +99,15 @@ def check_torch_zip(path: str | Path, weights_only: bool = True, max_pickle_byte
             prefix = records[0].filename.split("/", 1)[0]
             sizes = {record.filename: record.file_size for record in records}
             scan = _PickleScan(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
-            try:
-                scan.load()
-            except (ForeignFile, UnsafeFile):
-                raise
-            except Exception as err:  # damaged bytes surface as almost any exception
-                raise UnreadableFile(f"{type(err).__name__}: {_first_line(err)}") from err
+            scan.load()
+    except (ForeignFile, UnsafeFile):
+        raise
     except PermissionError as err:
         raise UnreadableFile(f"permission denied: {err.strerror}") from err
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, KeyError) as err:
-        raise UnreadableFile(f"not a torch.save zip file ({type(err).__name__}: {_first_line(err)})") from err
+    except zipfile.BadZipFile as err:
+        raise UnreadableFile(f"not a zip file as torch.save writes ({_first_line(err)})") from err
+    except Exception as err:  # damaged bytes surface from the zip reader or the pickle as almost any exception
+        raise UnreadableFile(f"{type(err).__name__}: {_first_line(err)}") from err
     unsafe = sorted(name for name in scan.globals if not _plain_global(name))
     if weights_only and unsafe:
         raise UnsafeFile(f"the file asks to run code ({unsafe[0]})", unsafe[0])
