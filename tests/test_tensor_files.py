@@ -248,3 +248,15 @@ def test_a_decompression_bomb_is_refused_in_bounded_memory(tmp_path: Path) -> No
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"Refusing to load checkpoint '{path}': it is damaged or was not written by this program: its record 'archive/data/0' is compressed" in proc.stderr
     assert "MemoryError" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_that_asks_to_run_code_is_refused_by_name(tmp_path: Path) -> None:
+    # A protocol-2 pickle that calls os.system('true'), in a torch zip file: refused unread, the global named.
+    calls = b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(rezipped(saved({"state_dict": {}}), {"archive/data.pkl": lambda record: record.write(calls)}))
+    with pytest.raises(UserError, match=rf"^Refusing to load checkpoint '{path}': the file asks to run code \(os\.system\)"):
+        read_checkpoint(path)
+    path.write_bytes(saved({"state_dict": {}, "x": RunsACommand()}))  # what torch.save writes: posix.system
+    with pytest.raises(UserError, match=rf"^Refusing to load checkpoint '{path}': the file asks to run code \({os.system.__module__}\.system\)"):
+        read_checkpoint(path)

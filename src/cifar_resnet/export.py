@@ -51,7 +51,8 @@ def network_of(checkpoint: dict[str, Any], path: str | None = None) -> nn.Module
             f"The checkpoint '{path}' is damaged or was not written by this program: its settings do not build a {kind} "
             f"({str(err).rstrip('.')}). Pass a checkpoint from a run's checkpoints/ folder."
         ) from err
-    check_checkpoint_fits(model, checkpoint, path)
+    # Built from the checkpoint's own settings, the model differs from it only where the file is damaged.
+    check_checkpoint_fits(model, checkpoint, path, fix="It is damaged or was not written by this program: pass a checkpoint from a run's checkpoints/ folder.")
     net = model.net
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()

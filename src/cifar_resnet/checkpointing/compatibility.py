@@ -235,17 +235,18 @@ def _optimizer_states_problem(states: list[Any]) -> str | None:
     return None
 
 
-def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], path: str | None = None) -> None:
+def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], path: str | None = None, fix: str | None = None) -> None:
     """Refuse, with one clear paragraph, a checkpoint of another model class, of a newer program, of other
     network settings than the config's (:func:`network_settings`: ``num_classes``, ``dropout``, ...), or with
     other weight shapes.
 
     Every other setting may differ: the config's value is used. A checkpoint written before a setting
     existed was trained as that setting's default says (a new setting's default reproduces the old
-    behaviour); the default is filled into its ``hyper_parameters``, and one line says so.
+    behaviour); the default is filled into its ``hyper_parameters``, and one line says so. ``fix``: what the
+    user should do instead (default: use the config the checkpoint was trained with).
     """
     name = f" '{path}'" if path else ""
-    fix = "Use the config the checkpoint was trained with (config.yaml in its run folder)."
+    fix = fix or "Use the config the checkpoint was trained with (config.yaml in its run folder)."
     stamp = checkpoint.get(SCHEMA_KEY) or {}
     schema = stamp.get("schema", 0)
     if schema > SCHEMA_VERSION:
