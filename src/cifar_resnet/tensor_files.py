@@ -69,25 +69,22 @@ def _first_line(err: BaseException) -> str:
 
 class ForeignFile(UnreadableFile):
     """The file is not laid out as ``torch.save`` writes a file: compressed or overlapping zip records, a record
-    larger than the tensors it holds, a pickle too large to be a checkpoint's; refused before ``torch.load``."""
+    of another size than the tensors it holds, a pickle too large to be a checkpoint's; refused before ``torch.load``."""
 
 
 # The most a checkpoint's pickle (everything but the tensors' bytes) may hold: this program's take kilobytes.
 MAX_PICKLE_BYTES = 16 * 2**20
-# The globals a file this program writes may name: tensor rebuilding and storage types, and these.
-PLAIN_GLOBALS = frozenset({"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset", "builtins.bytearray"})
 
 
-def check_torch_zip(path: str | Path, weights_only: bool = True, max_pickle_bytes: int = MAX_PICKLE_BYTES) -> None:
+def check_torch_zip(path: str | Path, max_pickle_bytes: int = MAX_PICKLE_BYTES) -> None:
     """Refuse, before ``torch.load`` reads a byte of it into tensors, a file that is not a ``torch.save`` zip file as
     this program writes one, so that a crafted file cannot make the load take memory its size does not account for.
 
     ``torch.save`` stores every record uncompressed, once each, and a tensor's record holds exactly the bytes of the
     storage the pickle declares. So every record must be stored (not deflated: a few MB would inflate to GBs), the
     records together no larger than the file (no two overlapping), the pickle at most ``max_pickle_bytes``, and each
-    tensor record the size its storage declares. With ``weights_only``, a pickle that names a global other than
-    torch's and a few plain types is :class:`UnsafeFile` (it asks to run code); the pickle is read without running
-    or importing anything to find out.
+    tensor record the size its storage declares. The pickle is read for the storages it declares without importing
+    or calling anything (which globals it may name is for ``torch.load(weights_only=True)`` to say).
     """
     path = Path(path)
     try:
@@ -108,9 +105,6 @@ def check_torch_zip(path: str | Path, weights_only: bool = True, max_pickle_byte
         raise UnreadableFile(f"not a zip file as torch.save writes ({_first_line(err)})") from err
     except Exception as err:  # damaged bytes surface from the zip reader or the pickle as almost any exception
         raise UnreadableFile(f"{type(err).__name__}: {_first_line(err)}") from err
-    unsafe = sorted(name for name in scan.globals if not _plain_global(name))
-    if weights_only and unsafe:
-        raise UnsafeFile(f"the file asks to run code ({unsafe[0]})", unsafe[0])
     for key, nbytes in scan.storages.items():
         record = f"{prefix}/data/{key}"
         if record not in sizes:
@@ -143,11 +137,6 @@ def _zip_layout_problem(records: list[zipfile.ZipInfo], file_size: int, max_pick
     if pickle_record.file_size > max_pickle_bytes:
         return f"its pickle holds {pickle_record.file_size:,} bytes, more than a checkpoint's {max_pickle_bytes:,} at most"
     return None
-
-
-def _plain_global(name: str) -> bool:
-    """Whether a checkpoint of this program may name the global ``name`` (``module.attribute``)."""
-    return name.startswith("torch.") or name in PLAIN_GLOBALS
 
 
 class _Stub:

@@ -80,13 +80,14 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             "also takes `--ckpt_path last`)."
         )
     try:
-        check_torch_zip(path, weights_only=weights_only)
+        check_torch_zip(path)
         checkpoint = load_tensors(path, map_location=map_location, weights_only=weights_only)
     except UnsafeFile as err:
         if err.name:
             raise UserError(
-                f"Refusing to load checkpoint '{path}': the file asks to run code ({err.name}), which no checkpoint "
-                "of this program does. Only load checkpoints this program wrote."
+                f"Refusing to load checkpoint '{path}': the file asks to run code ({err.name}) to rebuild objects other "
+                "than tensors and plain values, which no checkpoint of this program does. Only load checkpoints this "
+                "program wrote."
             ) from err
         raise UserError(
             f"Refusing to load checkpoint '{path}': it holds objects other than tensors and plain values, which "
