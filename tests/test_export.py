@@ -63,7 +63,7 @@ def damaged_copy(tmp_path: Path, change: Callable[[dict], None]) -> Path:
     [(lambda c: c["state_dict"].__setitem__("net.fc.weight", torch.zeros(10, 3)),
       "holds the weights of ScratchResNet, which do not fit ScratchResNet (wrong shape: net.fc.weight). It is damaged"),
      (lambda c: c["state_dict"].pop("net.fc.bias"), "which do not fit ScratchResNet (missing: net.fc.bias)"),
-     (lambda c: c["hyper_parameters"].__setitem__("num_classes", 10**9), "holds a model of num_classes=1000000000, but CIFAR-100 has 100"),
+     (lambda c: c["hyper_parameters"].__setitem__("num_classes", 10**9), "it holds a model of num_classes=1000000000, but CIFAR-100, whose class names it holds, has 100 classes"),
      (lambda c: c["hyper_parameters"].__setitem__("dropout", "half"), "its settings do not build a ScratchResNet ("),
      (lambda c: c["CIFAR100DataModule"]["transform"].__setitem__("output_size", 100000), "its input settings are out of range (output_size"),
      (lambda c: c["CIFAR100DataModule"]["transform"].__setitem__("std", [0, 1, 1]), "its input settings are out of range (std must be"),

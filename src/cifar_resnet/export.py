@@ -41,8 +41,9 @@ def network_of(checkpoint: dict[str, Any], path: str | None = None) -> nn.Module
     model_class = MODELS[kind]
     if hparams.get("num_classes", NUM_CLASSES) != NUM_CLASSES:  # checked before a head of that many outputs is built
         raise UserError(
-            f"The checkpoint '{path}' holds a model of num_classes={reprlib.repr(hparams['num_classes'])}, but CIFAR-100 has "
-            f"{NUM_CLASSES} classes, which its class names name: it is damaged or was not written by this program."
+            f"The checkpoint '{path}' is damaged or was not written by this program: it holds a model of "
+            f"num_classes={reprlib.repr(hparams['num_classes'])}, but CIFAR-100, whose class names it holds, has {NUM_CLASSES} "
+            "classes. Pass a checkpoint from a run's checkpoints/ folder."
         )
     try:
         model = model_class(**{name: hparams[name] for name in network_settings(model_class) if name in hparams})
@@ -52,7 +53,8 @@ def network_of(checkpoint: dict[str, Any], path: str | None = None) -> nn.Module
             f"({str(err).rstrip('.')}). Pass a checkpoint from a run's checkpoints/ folder."
         ) from err
     # Built from the checkpoint's own settings, the model differs from it only where the file is damaged.
-    check_checkpoint_fits(model, checkpoint, path, fix="It is damaged or was not written by this program: pass a checkpoint from a run's checkpoints/ folder.")
+    damaged = "It is damaged or was not written by this program: pass a checkpoint from a run's checkpoints/ folder."
+    check_checkpoint_fits(model, checkpoint, path, fix=damaged)
     net = model.net
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()

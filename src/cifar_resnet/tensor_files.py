@@ -1,5 +1,6 @@
 """Reading ``torch.save`` files that may be damaged or hostile: every way a load can fail becomes one of
-two exceptions with a one-line reason, so each caller can name its file and the fix."""
+two exceptions with a one-line reason, so each caller can name its file and the fix; and checking, before
+``torch.load``, that a checkpoint is laid out as ``torch.save`` writes it (:func:`check_torch_zip`)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def check_torch_zip(path: str | Path, max_pickle_bytes: int = MAX_PICKLE_BYTES) 
             sizes = {record.filename: record.file_size for record in records}
             scan = _PickleScan(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
             scan.load()
-    except (ForeignFile, UnsafeFile):
+    except ForeignFile:
         raise
     except PermissionError as err:
         raise UnreadableFile(f"permission denied: {err.strerror}") from err

@@ -69,7 +69,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     check every command that reads a checkpoint (fit, validate, test, predict, export) goes through.
 
     Before ``torch.load``, the file must be laid out as ``torch.save`` writes it (:func:`check_torch_zip`: no
-    compressed or overlapping records, no record larger than its tensors), so a small file cannot take a large
+    compressed or overlapping records, no record of another size than its tensors), so a small file cannot take a large
     load; after it, every part must have the shape and values this program writes (:func:`malformed`).
     """
     path = Path(path)
@@ -310,8 +310,8 @@ def check_optimizer_fits(
     recorded = checkpoint.get("hyper_parameters", {}).get("optimizer")
     trained = str(recorded.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(recorded, Mapping) else ""
     saved = [len(group["params"]) for group in states[0]["param_groups"]]
-    name = f" '{path}'" if path else ""
     if (trained and trained != optimizer) or saved != group_sizes:
+        name = f" '{path}'" if path else ""
         raise UserError(
             f"The checkpoint{name} holds the state of {trained or 'its optimizer'} over {_groups(saved)}, but the config "
             f"asks for {optimizer} over {_groups(group_sizes)}. Resuming a fit continues the optimizer's state, which "
