@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cifar_resnet import ScratchResNet
-from cifar_resnet.checkpointing import SCHEMA_KEY, check_optimizer_fits, read_checkpoint
+from cifar_resnet.checkpointing import SCHEMA_KEY, check_checkpoint_fits, check_optimizer_fits, read_checkpoint
 from cifar_resnet.classifier import parameter_groups
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
@@ -51,6 +51,8 @@ DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
     "callbacks a list": (setitem("callbacks", []), "its 'callbacks' is a list"),
     "loops a string": (setitem("loops", "x"), "its 'loops' is a str"),
     "a weight that is a number": (lambda c: c["state_dict"].__setitem__("model.fc.bias", 0.5), "values that are not tensors"),
+    "an EMA state that is a number": (lambda c: c["averaging_state"].__setitem__("n_averaged", 2), "its 'averaging_state' holds values that are not tensors"),
+    "trained weights that are text": (lambda c: c["current_model_state"].__setitem__("net.fc.bias", "x"), "its 'current_model_state' holds values that are not tensors"),
     "a weight named by a number": (lambda c: c["state_dict"].__setitem__(7, torch.ones(1)), "'state_dict' has keys that are not names"),
     "a setting named by a number": (lambda c: c["hyper_parameters"].__setitem__(3, 1), "'hyper_parameters' has keys that are not names"),
     # The settings a checkpoint carries for predict pass the config's own checks, and names are names.
@@ -195,3 +197,12 @@ def test_an_optimizer_state_of_another_shape_than_its_parameter_is_named(checkpo
     damaged["optimizer_states"][0]["state"][first]["exp_avg"] = torch.zeros(3)
     with pytest.raises(UserError, match=rf"its optimizer state \('exp_avg' of parameter 0\) has shape \(3,\), but the parameter has shape {re.escape(str(tuple(shapes[0])))}"):
         check_optimizer_fits(damaged, "AdamW", [32, 58], shapes=shapes)
+
+
+def test_the_trained_weights_beside_the_average_must_fit_too(checkpoint: dict) -> None:
+    model = ScratchResNet(dropout=0.3)
+    check_checkpoint_fits(model, copy.deepcopy(checkpoint))  # the control
+    damaged = copy.deepcopy(checkpoint)
+    damaged["current_model_state"]["net.fc.weight"] = torch.zeros(10, 3)  # what a resume loads into the model
+    with pytest.raises(UserError, match=r"holds the weights of ScratchResNet, which do not fit ScratchResNet \(wrong shape: net\.fc\.weight\)"):
+        check_checkpoint_fits(model, damaged)

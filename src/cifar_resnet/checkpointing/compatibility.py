@@ -129,7 +129,12 @@ CHECKPOINT_PARTS: dict[str, type | tuple[type, ...]] = {
     "lr_schedulers": list,
     "callbacks": Mapping,
     "loops": Mapping,
+    # Lightning's WeightAveraging (EMAWeights) keeps the trained weights beside the average in "state_dict".
+    "current_model_state": Mapping,
+    "averaging_state": Mapping,
 }
+# The parts that hold only named tensors.
+TENSOR_PARTS = ("state_dict", "current_model_state", "averaging_state")
 
 
 # The Lightning version a checkpoint records, which Lightning parses to migrate it.
@@ -149,11 +154,12 @@ def malformed(checkpoint: Mapping[str, Any]) -> str | None:
         value = checkpoint.get(key)
         if key in checkpoint and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"its '{key}' is a {type(value).__name__}"
-    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+    for key in (*TENSOR_PARTS, "hyper_parameters", "datamodule_hyper_parameters"):
         if any(not isinstance(k, str) for k in checkpoint.get(key, {})):
             return f"its '{key}' has keys that are not names"
-    if any(not isinstance(v, Tensor) for v in checkpoint["state_dict"].values()):
-        return "its 'state_dict' holds values that are not tensors"
+    for key in TENSOR_PARTS:
+        if any(not isinstance(v, Tensor) for v in checkpoint.get(key, {}).values()):
+            return f"its '{key}' holds values that are not tensors"
     for state in checkpoint.get("optimizer_states", []):
         groups = state.get("param_groups") if isinstance(state, Mapping) else None
         if not isinstance(groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
@@ -288,7 +294,10 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], p
             + (f" (the default of {', '.join(predates)}: it predates the setting)" if predates else "")
             + f", but the config says {', '.join(f'{k}={ours[k]!r}' for k in differ)}. {fix}"
         )
+    # The weights, and the trained weights an EMA checkpoint keeps beside the average (a resume loads them).
     details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if not details and "current_model_state" in checkpoint:
+        details = state_dict_mismatch(module.state_dict(), checkpoint["current_model_state"])
     if details:
         raise UserError(
             f"The checkpoint{name} holds the weights of {kind or 'another model'}, which do not fit "
