@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import pytest
 import torch
@@ -62,3 +62,31 @@ def test_the_checkpoint_or_a_file_of_another_kind_is_never_the_output(tmp_path: 
     (tmp_path / "model.onnx.json").write_bytes(before[:64])  # the JSON file beside the output is checked too
     assert f"The output's JSON file '{tmp_path / 'model.onnx.json'}' already exists" in export_error(capsys, str(last), str(tmp_path / "model.onnx"))
     assert last.read_bytes() == before and config.read_text() == text and not (tmp_path / "model.onnx").exists()
+
+
+def damaged_copy(tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    """The old run's checkpoint, changed by ``change``."""
+    last = unpack_old_run(tmp_path)
+    checkpoint = torch.load(last, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, last)
+    return last
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [(lambda c: c["state_dict"].__setitem__("net.fc.weight", torch.zeros(10, 3)),
+      "holds the weights of ScratchResNet, which do not fit ScratchResNet (wrong shape: net.fc.weight). It is damaged"),
+     (lambda c: c["state_dict"].pop("net.fc.bias"), "which do not fit ScratchResNet (missing: net.fc.bias)"),
+     (lambda c: c["hyper_parameters"].__setitem__("num_classes", 10**9), "it holds a model of num_classes=1000000000, but CIFAR-100, whose class names it holds, has 100 classes"),
+     (lambda c: c["hyper_parameters"].__setitem__("dropout", "half"), "its settings do not build a ScratchResNet ("),
+     (lambda c: c["CIFAR100DataModule"]["transform"].__setitem__("output_size", 100000), "its input settings are out of range (output_size"),
+     (lambda c: c["CIFAR100DataModule"]["transform"].__setitem__("std", [0, 1, 1]), "its input settings are out of range (std must be"),
+     (lambda c: c["CIFAR100DataModule"]["class_names"].__setitem__(1, "y" * 10**7), "its class_names must be names of at most 200 characters")],
+    ids=["weights-of-another-shape", "a-missing-weight", "a-billion-classes", "dropout-text", "output-size", "std-0", "10-MB-class-name"],
+)  # fmt: skip
+def test_export_makes_the_checkpoint_check_of_the_other_commands(tmp_path: Path, capsys, change: Callable[[dict], None], expected: str) -> None:
+    last = damaged_copy(tmp_path, change)
+    err = export_error(capsys, str(last), str(tmp_path / "model.onnx"))
+    assert f"'{last}'" in err and expected in err
+    assert not list(tmp_path.glob("model.onnx*"))

@@ -360,8 +360,9 @@ class ImageClassifier(LightningModule, ABC):
         path = getattr(trainer, "ckpt_path", None)
         check_checkpoint_fits(self, checkpoint, path)
         if trainer is not None and trainer.state.fn == "fit":  # resuming: the optimizer state will be loaded
-            groups = [len(group["params"]) for group in parameter_groups(self, self.hparams.weight_decay_norm_and_bias)]
-            check_optimizer_fits(checkpoint, self._optimizer_name(), groups, path)
+            groups = [group["params"] for group in parameter_groups(self, self.hparams.weight_decay_norm_and_bias)]
+            shapes = [p.shape for params in groups for p in params]
+            check_optimizer_fits(checkpoint, self._optimizer_name(), [len(params) for params in groups], path, shapes)
         if self._train_step is not None:  # a captured graph may read tensors that the restore replaces
             self._train_step.reset()
 

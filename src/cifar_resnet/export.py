@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import reprlib
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -17,9 +18,10 @@ from jsonargparse import auto_cli
 from torch import nn
 
 from cifar_resnet.atomic import atomic_write, atomic_write_text
-from cifar_resnet.checkpointing import network_settings, read_checkpoint, setting_defaults
+from cifar_resnet.checkpointing import check_checkpoint_fits, network_settings, read_checkpoint, setting_defaults
 from cifar_resnet.classifier import FineTunedResNet18, ImageClassifier, ScratchResNet
 from cifar_resnet.config_files import check_config_files
+from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.data.images import SHRINK_ABOVE_PIXELS, read_images
 from cifar_resnet.errors import UserError
 from cifar_resnet.outputs import check_output
@@ -28,8 +30,9 @@ DATAMODULE_KEY = "CIFAR100DataModule"
 MODELS = {"ScratchResNet": ScratchResNet, "FineTunedResNet18": FineTunedResNet18}
 
 
-def network_of(checkpoint: dict[str, Any]) -> nn.Module:
-    """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module)."""
+def network_of(checkpoint: dict[str, Any], path: str | None = None) -> nn.Module:
+    """The checkpoint's network as a plain ``nn.Module`` in eval mode, weights loaded (no Lightning module), once
+    the checkpoint passed the check that ``fit``, ``test`` and ``predict`` make (its weights fit the network)."""
     hparams = checkpoint.get("hyper_parameters", {})
     kind = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
     if kind not in MODELS:
@@ -37,7 +40,23 @@ def network_of(checkpoint: dict[str, Any]) -> nn.Module:
     # The model builds its own network from the settings that say what it is; a setting the checkpoint
     # predates was trained as its default says (checkpointing.check_checkpoint_fits).
     model_class = MODELS[kind]
-    net = model_class(**{name: hparams[name] for name in network_settings(model_class) if name in hparams}).net
+    if hparams.get("num_classes", NUM_CLASSES) != NUM_CLASSES:  # checked before a head of that many outputs is built
+        raise UserError(
+            f"The checkpoint '{path}' is damaged or was not written by this program: it holds a model of "
+            f"num_classes={reprlib.repr(hparams['num_classes'])}, but CIFAR-100, whose class names it holds, has {NUM_CLASSES} "
+            "classes. Pass a checkpoint from a run's checkpoints/ folder."
+        )
+    try:
+        model = model_class(**{name: hparams[name] for name in network_settings(model_class) if name in hparams})
+    except (UserError, TypeError, ValueError) as err:
+        raise UserError(
+            f"The checkpoint '{path}' is damaged or was not written by this program: its settings do not build a {kind} "
+            f"({str(err).rstrip('.')}). Pass a checkpoint from a run's checkpoints/ folder."
+        ) from err
+    # Built from the checkpoint's own settings, the model differs from it only where the file is damaged.
+    damaged = "It is damaged or was not written by this program: pass a checkpoint from a run's checkpoints/ folder."
+    check_checkpoint_fits(model, checkpoint, path, fix=damaged)
+    net = model.net
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
     return net.eval()
 
@@ -111,7 +130,7 @@ def export(ckpt_path: str, output: str, format: Literal["onnx", "torch.export"] 
     check_output(Path(f"{path}.json"), "report", "The output's JSON file", inputs=[ckpt_path])
     checkpoint = read_checkpoint(ckpt_path, weights_only=weights_only)
     info = deployment_info(checkpoint)
-    net = network_of(checkpoint)
+    net = network_of(checkpoint, ckpt_path)
     size = info["input"]["shape"][-1]
     example = torch.zeros(2, 3, size, size)
     batch = {0: torch.export.Dim("batch", min=1)}  # any batch size

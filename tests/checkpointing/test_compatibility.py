@@ -4,14 +4,19 @@ still only tensors and plain values) is refused with one sentence naming the par
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
+import math
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
 
-from cifar_resnet.checkpointing import SCHEMA_KEY, check_optimizer_fits, read_checkpoint
+from cifar_resnet import ScratchResNet
+from cifar_resnet.checkpointing import SCHEMA_KEY, check_checkpoint_fits, check_optimizer_fits, read_checkpoint
+from cifar_resnet.classifier import parameter_groups
 from cifar_resnet.cli import main
 from cifar_resnet.errors import UserError
 from conftest import OLD_RUN_FIXTURE, tiny_args, unpack_old_run, without_figures
@@ -21,6 +26,19 @@ OLD = OLD_RUN_FIXTURE / "last.ckpt.gz"
 
 def setitem(key: str, value: Any) -> Callable[[dict], None]:
     return lambda checkpoint: checkpoint.__setitem__(key, value)
+
+
+def data_part(change: Callable[[dict], None]) -> Callable[[dict], None]:
+    """Changes the DataModule's part of a checkpoint (class names and input settings) with ``change``."""
+    return lambda checkpoint: change(checkpoint["CIFAR100DataModule"])
+
+
+def input_setting(key: str, value: Any) -> Callable[[dict], None]:
+    return data_part(lambda data: data["transform"].__setitem__(key, value))
+
+
+def callback_state(key: str, value: Any) -> Callable[[dict], None]:
+    return lambda checkpoint: checkpoint["callbacks"].__setitem__(key, value)
 
 
 DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
@@ -33,8 +51,33 @@ DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
     "callbacks a list": (setitem("callbacks", []), "its 'callbacks' is a list"),
     "loops a string": (setitem("loops", "x"), "its 'loops' is a str"),
     "a weight that is a number": (lambda c: c["state_dict"].__setitem__("model.fc.bias", 0.5), "values that are not tensors"),
+    "an EMA state that is a number": (lambda c: c["averaging_state"].__setitem__("n_averaged", 2), "its 'averaging_state' holds values that are not tensors"),
+    "trained weights that are text": (lambda c: c["current_model_state"].__setitem__("net.fc.bias", "x"), "its 'current_model_state' holds values that are not tensors"),
     "a weight named by a number": (lambda c: c["state_dict"].__setitem__(7, torch.ones(1)), "'state_dict' has keys that are not names"),
     "a setting named by a number": (lambda c: c["hyper_parameters"].__setitem__(3, 1), "'hyper_parameters' has keys that are not names"),
+    # The settings a checkpoint carries for predict pass the config's own checks, and names are names.
+    "output_size 100000": (input_setting("output_size", 100000), "its input settings are out of range (output_size must be at most 1024"),
+    "output_size a string": (input_setting("output_size", "32"), "(output_size must be a positive integer, got '32')"),
+    "std 0": (input_setting("std", [0.0, 0.25, 0.25]), "(std must be 3 finite numbers greater than 0"),
+    "mean NaN": (input_setting("mean", [math.nan, 0.5, 0.5]), "(mean must be 3 finite numbers (one per channel R, G, B), got [nan, 0.5, 0.5])"),
+    "two means": (input_setting("mean", [0.5, 0.5]), "(mean must be 3 finite numbers"),
+    "an unknown input setting": (input_setting("crop", 3), "its input settings are not mean, std, output_size"),
+    "a class name of 10 MB": (data_part(lambda d: d["class_names"].__setitem__(0, "x" * 10**7)), "its class_names must be names of at most 200 characters"),
+    "3 class names": (data_part(lambda d: d.__setitem__("class_names", ["a", "b", "c"])), "its class_names must be a list of 100 names, found 3 items"),
+    "superclass names that are numbers": (data_part(lambda d: d.__setitem__("superclass_names", list(range(20)))), "its superclass_names must be names"),
+    "a superclass 20": (data_part(lambda d: d["fine_to_coarse"].__setitem__(5, 20)), "its fine_to_coarse is not 100 superclass indices in [0, 19]"),
+    "a superclass -1": (data_part(lambda d: d["fine_to_coarse"].__setitem__(5, -1)), "its fine_to_coarse is not 100 superclass indices"),
+    "data settings a list": (lambda c: c.__setitem__("CIFAR100DataModule", []), "its data settings are a list"),
+    "a random state of floats": (callback_state("RandomStates", {"cpu": torch.zeros(5056)}), "its random generator state ('cpu') is not a generator state"),
+    "a short random state": (callback_state("RandomStates", {"cpu": torch.zeros(3, dtype=torch.uint8)}), "('cpu') has 3 bytes, not 5056"),
+    "random states a list": (callback_state("RandomStates", [1]), "its random generator states are not a CPU and a CUDA state"),
+    "Lightning version not a version": (setitem("pytorch-lightning_version", "two"), "its 'pytorch-lightning_version' ('two') is not a version number"),
+    "Lightning version a number": (setitem("pytorch-lightning_version", 2.6), "its 'pytorch-lightning_version' (2.6) is not a version number"),
+    "a parameter listed twice": (lambda c: c["optimizer_states"][0]["param_groups"][0]["params"].__setitem__(1, 0), "number their parameters other than once each"),
+    "state of an unlisted parameter": (lambda c: c["optimizer_states"][0]["state"].__setitem__(999, {}), "hold state of parameters they do not list"),
+    "a parameter state of text": (lambda c: c["optimizer_states"][0]["state"].__setitem__(0, {"step": "x"}), "a parameter state that is not named tensors and numbers"),
+    "a setting of 10 MB": (lambda c: c["hyper_parameters"].__setitem__("label_smoothing", "x" * 10**7), "its 'hyper_parameters' holds a text of 10,000,000 characters (at most 4,096)"),
+    "a setting nested deep": (lambda c: c["datamodule_hyper_parameters"].__setitem__("mean", functools.reduce(lambda x, _: [x], range(40), 0)), "its 'datamodule_hyper_parameters' is nested more than 16 deep"),
 }
 
 
@@ -108,7 +151,7 @@ def test_a_resume_with_another_optimizer_stops_before_it_changes_anything(
 
 @pytest.mark.parametrize(
     "part, value, expected",
-    [("RandomStates", {"cpu": torch.zeros(3)}, "its random generator state ('cpu') cannot be restored"),
+    [("RandomStates", {"cpu": torch.zeros(5056, dtype=torch.uint8)}, "its random generator state ('cpu') cannot be restored"),
      ("SpeedMonitor", {"elapsed_s": "soon"}, "its fit time (SpeedMonitor's elapsed_s) is 'soon', not a number of seconds"),
      ("EMAWeights", {"latest_update_step": "x"}, "its EMA state (EMAWeights' latest_update_step) is 'x', not a step number")],
     ids=["rng-state", "fit-time", "ema-state"],
@@ -128,3 +171,38 @@ def test_a_callback_state_that_cannot_be_restored_is_named(
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert "The checkpoint being loaded is damaged or was not written by this program: " + expected in err
     assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test", "predict"])
+def test_every_command_refuses_settings_it_would_believe(checkpoint: dict, cifar_dir: Path, tmp_path: Path, capsys, subcommand: str) -> None:
+    damaged = copy.deepcopy(checkpoint)
+    damaged["CIFAR100DataModule"]["transform"]["output_size"] = 100000  # was a 12 TB allocation in each command
+    path = tmp_path / "damaged.ckpt"
+    torch.save(damaged, path)
+    args = ["--config", without_figures("fast.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", str(path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, *args, "--prediction.output", str(tmp_path / "p.csv")] if subcommand == "predict" else [subcommand, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"'{path}' is damaged or was not written by this program: its input settings are out of range (output_size must be at most 1024" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_an_optimizer_state_of_another_shape_than_its_parameter_is_named(checkpoint: dict) -> None:
+    groups = parameter_groups(ScratchResNet(dropout=0.3), decay_norm_and_bias=False)
+    shapes = [p.shape for group in groups for p in group["params"]]
+    check_optimizer_fits(checkpoint, "AdamW", [32, 58], shapes=shapes)  # the control
+    damaged = copy.deepcopy(checkpoint)
+    first = damaged["optimizer_states"][0]["param_groups"][0]["params"][0]
+    damaged["optimizer_states"][0]["state"][first]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(UserError, match=rf"its optimizer state \('exp_avg' of parameter 0\) has shape \(3,\), but the parameter has shape {re.escape(str(tuple(shapes[0])))}"):
+        check_optimizer_fits(damaged, "AdamW", [32, 58], shapes=shapes)
+
+
+def test_the_trained_weights_beside_the_average_must_fit_too(checkpoint: dict) -> None:
+    model = ScratchResNet(dropout=0.3)
+    check_checkpoint_fits(model, copy.deepcopy(checkpoint))  # the control
+    damaged = copy.deepcopy(checkpoint)
+    damaged["current_model_state"]["net.fc.weight"] = torch.zeros(10, 3)  # what a resume loads into the model
+    with pytest.raises(UserError, match=r"holds the weights of ScratchResNet, which do not fit ScratchResNet \(wrong shape: net\.fc\.weight\)"):
+        check_checkpoint_fits(model, damaged)

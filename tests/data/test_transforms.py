@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from cifar_resnet.data import CIFAR100DataModule
-from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform, flip_by_mask
+from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform, flip_by_mask, input_settings_problem
+from cifar_resnet.errors import UserError
 
 STD = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
 
@@ -106,3 +108,20 @@ def test_datamodule_applies_the_transform_only_while_training(cifar_dir: Path) -
     eval_view, same_labels = dm.on_after_batch_transfer((images, labels), 0)
     assert train_view.shape == eval_view.shape == (len(labels), 3, 48, 48)
     assert torch.allclose(train_view, eval_view.flip(-1), atol=1e-5) and torch.equal(same_labels, labels)
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [({"std": (0.0, 0.25, 0.25)}, "std must be 3 finite numbers greater than 0 (one per channel R, G, B), got (0.0, 0.25, 0.25)."),
+     ({"std": (float("inf"), 1, 1)}, "std must be 3 finite numbers greater than 0"),
+     ({"mean": (float("nan"), 0.5, 0.5)}, "mean must be 3 finite numbers (one per channel R, G, B), got (nan, 0.5, 0.5)."),
+     ({"mean": (0.5, 0.5)}, "mean must be 3 finite numbers"),
+     ({"output_size": 100000}, "output_size must be at most 1024 (ImageNet models take 224), got 100000."),
+     ({"output_size": True}, "output_size must be a positive integer, got True.")],
+)  # fmt: skip
+def test_input_settings_that_cannot_normalise_are_named(settings: dict, expected: str) -> None:
+    good = {"mean": CIFAR100_MEAN, "std": CIFAR100_STD, "output_size": 224}
+    assert input_settings_problem(**good) is None  # the control
+    assert expected in str(input_settings_problem(**{**good, **settings}))
+    with pytest.raises(UserError, match=re.escape(expected)):  # the config's check is the same
+        CIFAR100DataModule(**{**good, **settings})

@@ -4,17 +4,21 @@ reads, with the config's network settings; a setting added later takes its defau
 from __future__ import annotations
 
 import inspect
+import reprlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from packaging.version import InvalidVersion, Version
 from torch import Tensor
 
+from cifar_resnet.data.datamodule import CIFAR100DataModule, checkpoint_state_problem
 from cifar_resnet.errors import UserError
 from cifar_resnet.models.state_dicts import state_dict_mismatch
-from cifar_resnet.tensor_files import UnreadableFile, UnsafeFile, load_tensors, not_a_file
+from cifar_resnet.tensor_files import ForeignFile, UnreadableFile, UnsafeFile, check_torch_zip, load_tensors, not_a_file
 
 # Where a checkpoint says which layout it has. Raise SCHEMA_VERSION when a checkpoint's layout changes in a
 # way older checkpoints need converting for (a setting renamed or removed, a state moved); a setting added
@@ -61,7 +65,13 @@ def network_settings(cls: type) -> frozenset[str]:
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``torch.load`` (``weights_only`` by default), with clear errors."""
+    """Load a Lightning checkpoint with ``torch.load`` (``weights_only`` by default), with clear errors: the one
+    check every command that reads a checkpoint (fit, validate, test, predict, export) goes through.
+
+    Before ``torch.load``, the file must be laid out as ``torch.save`` writes it (:func:`check_torch_zip`: no
+    compressed or overlapping records, no record of another size than its tensors), so a small file cannot take a large
+    load; after it, every part must have the shape and values this program writes (:func:`malformed`).
+    """
     path = Path(path)
     problem = not_a_file(path)
     if problem:
@@ -70,11 +80,23 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             "also takes `--ckpt_path last`)."
         )
     try:
+        check_torch_zip(path)
         checkpoint = load_tensors(path, map_location=map_location, weights_only=weights_only)
     except UnsafeFile as err:
+        if err.name:
+            raise UserError(
+                f"Refusing to load checkpoint '{path}': the file asks to run code ({err.name}) to rebuild objects other "
+                "than tensors and plain values, which no checkpoint of this program does. Only load checkpoints this "
+                "program wrote."
+            ) from err
         raise UserError(
             f"Refusing to load checkpoint '{path}': it holds objects other than tensors and plain values, which "
             f"could run code when loaded ({err}). Only load checkpoints this program wrote."
+        ) from err
+    except ForeignFile as err:
+        raise UserError(
+            f"Refusing to load checkpoint '{path}': it is damaged or was not written by this program: {err}. Pass a "
+            "checkpoint from a run's checkpoints/ folder."
         ) from err
     except UnreadableFile as err:
         raise UserError(
@@ -107,21 +129,37 @@ CHECKPOINT_PARTS: dict[str, type | tuple[type, ...]] = {
     "lr_schedulers": list,
     "callbacks": Mapping,
     "loops": Mapping,
+    # Lightning's WeightAveraging (EMAWeights) keeps the trained weights beside the average in "state_dict".
+    "current_model_state": Mapping,
+    "averaging_state": Mapping,
 }
+# The parts that hold only named tensors.
+TENSOR_PARTS = ("state_dict", "current_model_state", "averaging_state")
+
+
+# The Lightning version a checkpoint records, which Lightning parses to migrate it.
+LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
+# Bounds on the settings a checkpoint carries, far above any this program writes: a crafted file's
+# megabyte-long strings would otherwise end up in messages, reports and exported files.
+MAX_TEXT = 4096
+MAX_ITEMS = 1000
+MAX_DEPTH = 16
 
 
 def malformed(checkpoint: Mapping[str, Any]) -> str | None:
-    """What in ``checkpoint`` has a shape no checkpoint of this program has (``None``: nothing), so that a
-    damaged or crafted file is refused with a sentence, not a traceback from deep inside a load."""
+    """What in ``checkpoint`` has a shape or value no checkpoint of this program has (``None``: nothing), so that
+    a damaged or crafted file is refused with a sentence, not a traceback from deep inside a load, nor believed:
+    the data settings it carries pass the config's own checks."""
     for key, kind in CHECKPOINT_PARTS.items():
         value = checkpoint.get(key)
         if key in checkpoint and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"its '{key}' is a {type(value).__name__}"
-    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+    for key in (*TENSOR_PARTS, "hyper_parameters", "datamodule_hyper_parameters"):
         if any(not isinstance(k, str) for k in checkpoint.get(key, {})):
             return f"its '{key}' has keys that are not names"
-    if any(not isinstance(v, Tensor) for v in checkpoint["state_dict"].values()):
-        return "its 'state_dict' holds values that are not tensors"
+    for key in TENSOR_PARTS:
+        if any(not isinstance(v, Tensor) for v in checkpoint.get(key, {}).values()):
+            return f"its '{key}' holds values that are not tensors"
     for state in checkpoint.get("optimizer_states", []):
         groups = state.get("param_groups") if isinstance(state, Mapping) else None
         if not isinstance(groups, list) or not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
@@ -129,20 +167,93 @@ def malformed(checkpoint: Mapping[str, Any]) -> str | None:
     schema = checkpoint.get(SCHEMA_KEY, {}).get("schema", 0)
     if not isinstance(schema, int) or isinstance(schema, bool):
         return f"its schema version is a {type(schema).__name__}"
+    for key in ("hyper_parameters", "datamodule_hyper_parameters", SCHEMA_KEY):
+        problem = _oversized(checkpoint.get(key, {}))
+        if problem:
+            return f"its '{key}' {problem}"
+    version = checkpoint.get(LIGHTNING_VERSION_KEY, "0")
+    if not isinstance(version, str) or len(version) > 64 or not _parses(version):
+        return f"its '{LIGHTNING_VERSION_KEY}' ({reprlib.repr(version)}) is not a version number"
+    if CIFAR100DataModule.__qualname__ in checkpoint:
+        problem = checkpoint_state_problem(checkpoint[CIFAR100DataModule.__qualname__])
+        if problem:
+            return problem
+    return _random_states_problem(checkpoint.get("callbacks", {}).get("RandomStates")) or _optimizer_states_problem(
+        checkpoint.get("optimizer_states", [])
+    )
+
+
+def _oversized(value: Any, depth: int = 0) -> str | None:
+    """Where the plain value ``value`` holds text, collections or nesting beyond any setting of this program."""
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return f"holds a text of {len(value):,} characters (at most {MAX_TEXT:,})"
+    if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        if depth > MAX_DEPTH:
+            return f"is nested more than {MAX_DEPTH} deep"
+        if len(value) > MAX_ITEMS:
+            return f"holds a collection of {len(value):,} items (at most {MAX_ITEMS:,})"
+        items = [*value.keys(), *value.values()] if isinstance(value, Mapping) else list(value)
+        for item in items:
+            problem = _oversized(item, depth + 1)
+            if problem:
+                return problem
     return None
 
 
-def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], path: str | None = None) -> None:
+def _parses(version: str) -> bool:
+    """Whether ``version`` is a version number Lightning can compare."""
+    try:
+        Version(version)
+    except InvalidVersion:
+        return False
+    return True
+
+
+def _random_states_problem(states: Any) -> str | None:
+    """What about the random generators' states (``RandomStates``' part) this program never writes, or ``None``."""
+    if states is None:
+        return None
+    expected = {"cpu": torch.get_rng_state().numel()}
+    if not isinstance(states, Mapping) or not set(states) <= {"cpu", "cuda"}:
+        return "its random generator states are not a CPU and a CUDA state"
+    for device, state in states.items():
+        if not isinstance(state, Tensor) or state.dtype != torch.uint8 or state.dim() != 1 or state.numel() > 2**16:
+            return f"its random generator state ('{device}') is not a generator state (a row of bytes)"
+        if device in expected and state.numel() != expected[device]:
+            return f"its random generator state ('{device}') has {state.numel()} bytes, not {expected[device]}"
+    return None
+
+
+def _optimizer_states_problem(states: list[Any]) -> str | None:
+    """What about the optimizers' states this program never writes (beyond :func:`malformed`'s param_groups), or
+    ``None``: parameters are numbered once each, and each parameter's state is named tensors and numbers."""
+    for state in states:
+        ids = [p for group in state["param_groups"] for p in group["params"]]
+        if not all(type(p) is int for p in ids) or len(set(ids)) != len(ids):
+            return "its 'optimizer_states' number their parameters other than once each"
+        per_parameter = state.get("state", {})
+        if not isinstance(per_parameter, Mapping) or not set(per_parameter) <= set(ids):
+            return "its 'optimizer_states' hold state of parameters they do not list"
+        for value in per_parameter.values():
+            if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (Tensor, int, float, list))) for k, v in value.items()
+            ):
+                return "its 'optimizer_states' hold a parameter state that is not named tensors and numbers"
+    return None
+
+
+def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], path: str | None = None, fix: str | None = None) -> None:
     """Refuse, with one clear paragraph, a checkpoint of another model class, of a newer program, of other
     network settings than the config's (:func:`network_settings`: ``num_classes``, ``dropout``, ...), or with
     other weight shapes.
 
     Every other setting may differ: the config's value is used. A checkpoint written before a setting
     existed was trained as that setting's default says (a new setting's default reproduces the old
-    behaviour); the default is filled into its ``hyper_parameters``, and one line says so.
+    behaviour); the default is filled into its ``hyper_parameters``, and one line says so. ``fix``: what the
+    user should do instead (default: use the config the checkpoint was trained with).
     """
     name = f" '{path}'" if path else ""
-    fix = "Use the config the checkpoint was trained with (config.yaml in its run folder)."
+    fix = fix or "Use the config the checkpoint was trained with (config.yaml in its run folder)."
     stamp = checkpoint.get(SCHEMA_KEY) or {}
     schema = stamp.get("schema", 0)
     if schema > SCHEMA_VERSION:
@@ -183,7 +294,10 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], p
             + (f" (the default of {', '.join(predates)}: it predates the setting)" if predates else "")
             + f", but the config says {', '.join(f'{k}={ours[k]!r}' for k in differ)}. {fix}"
         )
+    # The weights, and the trained weights an EMA checkpoint keeps beside the average (a resume loads them).
     details = state_dict_mismatch(module.state_dict(), checkpoint["state_dict"])
+    if not details and "current_model_state" in checkpoint:
+        details = state_dict_mismatch(module.state_dict(), checkpoint["current_model_state"])
     if details:
         raise UserError(
             f"The checkpoint{name} holds the weights of {kind or 'another model'}, which do not fit "
@@ -191,10 +305,14 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: dict[str, Any], p
         )
 
 
-def check_optimizer_fits(checkpoint: Mapping[str, Any], optimizer: str, group_sizes: list[int], path: str | None = None) -> None:
+def check_optimizer_fits(
+    checkpoint: Mapping[str, Any], optimizer: str, group_sizes: list[int], path: str | None = None, shapes: list[torch.Size] | None = None
+) -> None:
     """Refuse to resume a fit whose config asks for another optimizer class (``optimizer``, a class name) or
     other parameter groups (``group_sizes``, parameters per group) than the checkpoint's optimizer state has:
-    torch would load that state and fail at the first step (SGD given Adam's groups: ``KeyError: 'momentum'``)."""
+    torch would load that state and fail at the first step (SGD given Adam's groups: ``KeyError: 'momentum'``).
+    With ``shapes`` (the parameters', in group order), a parameter's state (Adam's averages, a momentum) must
+    have its parameter's shape too, or torch would fail at the first step with a size mismatch."""
     states = checkpoint.get("optimizer_states") or []
     if not states:
         return
@@ -209,6 +327,16 @@ def check_optimizer_fits(checkpoint: Mapping[str, Any], optimizer: str, group_si
             "only the same optimizer and parameter groups can take: resume with the run's config (config.yaml in its "
             "run folder), leaving `optimizer` and `weight_decay_norm_and_bias` as they were."
         )
+    if shapes is None or optimizer == "LBFGS":  # LBFGS keeps one flat state for all parameters
+        return
+    ids = [p for group in states[0]["param_groups"] for p in group["params"]]
+    for position, (index, shape) in enumerate(zip(ids, shapes)):
+        for key, value in states[0].get("state", {}).get(index, {}).items():
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape != shape:
+                raise damaged_part(
+                    f"optimizer state ('{key}' of parameter {position})",
+                    f"has shape {tuple(value.shape)}, but the parameter has shape {tuple(shape)}",
+                )
 
 
 def _groups(sizes: list[int]) -> str:

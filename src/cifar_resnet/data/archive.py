@@ -130,9 +130,18 @@ def int_list(value: Any, source: str, name: str, count: int) -> torch.Tensor:
 
 def name_list(value: Any, source: str, name: str, count: int) -> list[str]:
     """``value`` if it is a plain list of ``count`` short strings."""
-    if type(value) is not list or len(value) != count or not all(type(v) is str and len(v) <= MAX_NAME_LENGTH for v in value):
+    if name_list_problem(value, count):
         raise UserError(f"'{source}' (meta): '{name}' must list {count} names (strings); this is not the CIFAR-100 meta file.")
     return list(value)
+
+
+def name_list_problem(value: Any, count: int) -> str | None:
+    """Why ``value`` is not a plain list of ``count`` names (strings of at most ``MAX_NAME_LENGTH`` characters), or ``None``."""
+    if type(value) is not list or len(value) != count:
+        return f"must be a list of {count} names, found {f'{len(value)} items' if type(value) is list else f'a {type(value).__name__}'}"
+    if not all(type(v) is str and len(v) <= MAX_NAME_LENGTH for v in value):
+        return f"must be names of at most {MAX_NAME_LENGTH} characters (strings)"
+    return None
 
 
 @dataclass

@@ -15,16 +15,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cifar_resnet.data.archive import (
+    NUM_CLASSES,
+    NUM_SUPERCLASSES,
     Cifar100,
     Split,
     download_archive,
     find_archive,
     load_cifar100,
     missing_data_message,
+    name_list_problem,
 )
 from cifar_resnet.data.images import read_images
 from cifar_resnet.data.order import epoch_order
-from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform
+from cifar_resnet.data.transforms import CIFAR100_MEAN, CIFAR100_STD, BatchTransform, input_settings_problem
 from cifar_resnet.errors import UserError
 
 
@@ -180,8 +183,9 @@ class CIFAR100DataModule(LightningDataModule):
             raise UserError(f"crop_padding must lie in [0, 31] (pixels of a 32x32 image), got {crop_padding}.")
         if val_size < 0:
             raise UserError(f"val_size must be 0 or more, got {val_size}.")
-        if output_size > 1024:
-            raise UserError(f"output_size must be at most 1024 (ImageNet models take 224), got {output_size}.")
+        problem = input_settings_problem(mean, std, output_size)
+        if problem:
+            raise UserError(problem)
         if num_workers < 0:
             raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
         if data_on_device and num_workers:
@@ -230,6 +234,9 @@ class CIFAR100DataModule(LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take the class names and input settings of the checkpoint's model (they win over the config's)."""
+        problem = checkpoint_state_problem(state_dict)
+        if problem:  # read_checkpoint checks it first; a checkpoint read another way is checked here
+            raise UserError(f"The checkpoint being loaded is damaged or was not written by this program: {problem}.")
         if "class_names" in state_dict:
             self._classes = ClassInfo(
                 list(state_dict["class_names"]), list(state_dict["superclass_names"]), list(state_dict["fine_to_coarse"])
@@ -365,6 +372,30 @@ class CIFAR100DataModule(LightningDataModule):
 
 
 TRANSFORM_SETTINGS = ("mean", "std", "output_size")
+DEFAULT_INPUT = {"mean": CIFAR100_MEAN, "std": CIFAR100_STD, "output_size": 32}  # for a setting a checkpoint lacks
+
+
+def checkpoint_state_problem(state: Any) -> str | None:
+    """What in a checkpoint's DataModule part (what :meth:`CIFAR100DataModule.state_dict` wrote) no checkpoint of
+    this program has, in a phrase; ``None``: nothing. The input settings pass the config's own checks."""
+    if not isinstance(state, dict):
+        return f"its data settings are a {type(state).__name__}"
+    if "class_names" in state:
+        for key, count in (("class_names", NUM_CLASSES), ("superclass_names", NUM_SUPERCLASSES)):
+            problem = name_list_problem(state.get(key), count)
+            if problem:
+                return f"its {key} {problem}"
+        mapping = state.get("fine_to_coarse")
+        if type(mapping) is not list or len(mapping) != NUM_CLASSES or not all(type(v) is int and 0 <= v < NUM_SUPERCLASSES for v in mapping):
+            return f"its fine_to_coarse is not {NUM_CLASSES} superclass indices in [0, {NUM_SUPERCLASSES - 1}]"
+    settings = state.get("transform", {})
+    if not isinstance(settings, dict) or not set(settings) <= set(TRANSFORM_SETTINGS):
+        return f"its input settings are not {', '.join(TRANSFORM_SETTINGS)}"
+    if settings:
+        problem = input_settings_problem(*(settings.get(k, DEFAULT_INPUT[k]) for k in TRANSFORM_SETTINGS))
+        if problem:
+            return f"its input settings are out of range ({problem.rstrip('.')})"
+    return None
 
 
 @dataclass

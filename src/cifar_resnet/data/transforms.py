@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import reprlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,28 @@ from torch import Tensor, nn
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+MAX_OUTPUT_SIZE = 1024
+
+
+def input_settings_problem(mean: Any, std: Any, output_size: Any) -> str | None:
+    """What is wrong with the input settings (the config's ``data.mean``, ``data.std``, ``data.output_size``, or
+    those a checkpoint carries), in a sentence; ``None`` when they can normalise and resize images."""
+
+    def numbers(value: Any) -> bool:
+        return (
+            isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        )  # fmt: skip
+
+    if not numbers(mean):
+        return f"mean must be 3 finite numbers (one per channel R, G, B), got {reprlib.repr(mean)}."
+    if not numbers(std) or min(std) <= 0:
+        return f"std must be 3 finite numbers greater than 0 (one per channel R, G, B), got {reprlib.repr(std)}."
+    if not isinstance(output_size, int) or isinstance(output_size, bool) or output_size < 1:
+        return f"output_size must be a positive integer, got {reprlib.repr(output_size)}."
+    if output_size > MAX_OUTPUT_SIZE:
+        return f"output_size must be at most {MAX_OUTPUT_SIZE} (ImageNet models take 224), got {output_size}."
+    return None
 
 
 def random_flips(images: Tensor, hflip_prob: float, vflip_prob: float) -> Tensor:
