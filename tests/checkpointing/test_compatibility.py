@@ -66,7 +66,7 @@ DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
     "3 class names": (data_part(lambda d: d.__setitem__("class_names", ["a", "b", "c"])), "its class_names must be a list of 100 names, found 3 items"),
     "superclass names that are numbers": (data_part(lambda d: d.__setitem__("superclass_names", list(range(20)))), "its superclass_names must be names"),
     "a superclass 20": (data_part(lambda d: d["fine_to_coarse"].__setitem__(5, 20)), "its fine_to_coarse is not 100 superclass indices in [0, 19]"),
-    "a superclass -1": (data_part(lambda d: d["fine_to_coarse"].__setitem__(5, -1)), "its fine_to_coarse is not 100 superclass indices"),
+    "a superclass -2": (data_part(lambda d: d["fine_to_coarse"].__setitem__(5, -2)), "its fine_to_coarse is not 100 superclass indices"),
     "data settings a list": (lambda c: c.__setitem__("CIFAR100DataModule", []), "its data settings are a list"),
     "a random state of floats": (callback_state("RandomStates", {"cpu": torch.zeros(5056)}), "its random generator state ('cpu') is not a generator state"),
     "a short random state": (callback_state("RandomStates", {"cpu": torch.zeros(3, dtype=torch.uint8)}), "('cpu') has 3 bytes, not 5056"),

@@ -386,8 +386,9 @@ def checkpoint_state_problem(state: Any) -> str | None:
             if problem:
                 return f"its {key} {problem}"
         mapping = state.get("fine_to_coarse")
-        if type(mapping) is not list or len(mapping) != NUM_CLASSES or not all(type(v) is int and 0 <= v < NUM_SUPERCLASSES for v in mapping):
-            return f"its fine_to_coarse is not {NUM_CLASSES} superclass indices in [0, {NUM_SUPERCLASSES - 1}]"
+        # -1: a class without images in the archive the run trained on (a subset of CIFAR-100).
+        if type(mapping) is not list or len(mapping) != NUM_CLASSES or not all(type(v) is int and -1 <= v < NUM_SUPERCLASSES for v in mapping):
+            return f"its fine_to_coarse is not {NUM_CLASSES} superclass indices in [0, {NUM_SUPERCLASSES - 1}] (or -1, a class without images)"
     settings = state.get("transform", {})
     if not isinstance(settings, dict) or not set(settings) <= set(TRANSFORM_SETTINGS):
         return f"its input settings are not {', '.join(TRANSFORM_SETTINGS)}"
