@@ -35,6 +35,7 @@ from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
 from cifar_resnet.folder_snapshot import FolderSnapshot, StepCounter
+from cifar_resnet.launch_env import check_launcher_variables
 from cifar_resnet.loggers import (
     RUN_IDS,
     RUN_RECORD,
@@ -68,6 +69,11 @@ IGNORED_WARNINGS = (
     # `test`/`validate`/`predict` with a recipe that averages weights: the checkpoint's weights already are the average.
     r".*You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage",
 )
+
+
+# Lightning's checks of Trainer settings that only the data can answer, made once training starts (a
+# ValueError, not its MisconfigurationException); each a regular expression matched against the message.
+LIGHTNING_SETTING_ERRORS = (r"\s*`val_check_interval` \(\d+\) must be less than or equal to the number of the training batches",)
 
 
 class _DropLitLoggerTip(logging.Filter):
@@ -279,6 +285,8 @@ class CifarCLI(CLIInternals):
                 raise self._interrupted(signal.SIGINT) from None
             self._drop_unused_run_folder()
             self._undo_failed_resume()
+            if isinstance(err, ValueError) and any(re.match(p, str(err)) for p in LIGHTNING_SETTING_ERRORS):
+                raise UserError(f"Invalid trainer settings: {str(err).strip()}") from err
             raise
 
     def _drop_unused_run_folder(self) -> None:
@@ -557,30 +565,6 @@ def _check_ckpt_path(config: Namespace) -> None:
             raise UserError(
                 f"`--ckpt_path hpc`: no hpc_ckpt_*.ckpt (Lightning's SLURM requeue checkpoint) in '{folder}'. "
                 "Give a .ckpt file, or 'last' for the run's newest checkpoint."
-            )
-
-
-# Variables a launcher (torchrun, Lightning's own DDP launcher) sets for each process it starts.
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-
-
-def check_launcher_variables(environ: Any) -> None:
-    """Refuse launcher variables that no launcher set: a ``RANK`` or ``LOCAL_RANK`` above 0 without a
-    ``WORLD_SIZE`` to match makes the only process a rank other than 0, which writes nothing and, with
-    several devices, waits for a rank 0 that never comes; a value that is not a number stops Lightning."""
-    for name in LAUNCHER_VARIABLES:
-        value = environ.get(name)
-        if value is not None and not value.strip().isdigit():
-            raise UserError(f"The environment variable {name}={value!r} is not a whole number 0 or more: unset it (`unset {name}`), or start the processes with torchrun.")
-    world = environ.get("WORLD_SIZE")
-    for name in ("RANK", "LOCAL_RANK"):
-        rank = int(environ.get(name) or 0)
-        if rank > 0 and (world is None or rank >= int(world)):
-            size = "is not set" if world is None else f"is {world}"
-            raise UserError(
-                f"The environment says this process is rank {rank} ({name}={rank}), but WORLD_SIZE {size}: no launcher "
-                f"started it. Unset {name} (`unset {name}`); for several devices use --trainer.devices N, or torchrun "
-                "(docs/multi-gpu.md)."
             )
 
 

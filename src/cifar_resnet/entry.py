@@ -3,9 +3,13 @@ everything else is :func:`cifar_resnet.cli.main`."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
+
+from cifar_resnet.errors import UserError
+from cifar_resnet.launch_env import check_launcher_variables
 
 
 def main(args: Any = None) -> None:
@@ -16,6 +20,11 @@ def main(args: Any = None) -> None:
 
         print(f"cifar-resnet {__version__}")
         return
+    try:
+        check_launcher_variables(os.environ)  # Lightning reads them as it is imported
+    except UserError as err:
+        print(f"cifar-resnet: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         from cifar_resnet.cli import main as run_command  # seconds: torch, Lightning
     except KeyboardInterrupt:
