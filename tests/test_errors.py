@@ -753,6 +753,16 @@ def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path: Path) -> None:
     assert "stopped by SIGINT" in stderr and len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.slow
+def test_sigterm_at_the_end_of_the_last_epoch_says_nothing_is_left(cifar_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.callbacks+=faults.SigtermAfterLastEpoch",
+                   cwd=tmp_path, env=env_with_tests(), expect_ok=False)  # fmt: skip
+    last = tmp_path / "runs" / "scratch" / "version_0" / "checkpoints" / "last.ckpt"
+    assert proc.returncode == 128 + signal.SIGTERM and last.is_file()
+    assert f"fit stopped by SIGTERM after its last epoch: the run finished training; its newest checkpoint is {last}." in proc.stderr
+    assert "starts again on resume" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 class StandInTrainer:
     """What :func:`_finished_training` reads of a Trainer."""
 

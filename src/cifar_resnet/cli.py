@@ -551,7 +551,7 @@ def _check_groups(config: Namespace, subcommand: str) -> None:
 def _check_ckpt_path(config: Namespace) -> None:
     """Refuse the ``--ckpt_path`` values Lightning takes but this program's commands never have a checkpoint for."""
     ckpt_path = config.get("ckpt_path")
-    if ckpt_path == "" or (isinstance(ckpt_path, str) and not ckpt_path.strip()):
+    if isinstance(ckpt_path, str) and not ckpt_path.strip():
         raise UserError("`--ckpt_path` is empty: give a .ckpt file, or 'last' (or leave it out to start from scratch).")
     if ckpt_path == "best":
         raise UserError(
