@@ -65,6 +65,15 @@ class HangOnRank(Callback):
             threading.Event().wait()  # never set
 
 
+class SigtermAfterLastEpoch(Callback):
+    """Sends its own process SIGTERM at the end of the last epoch, before Lightning's fit loop ends: a job's
+    time running out just as the run finishes."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SlowDown(Callback):
     """Sleeps before every training batch, to give a test time to kill the run mid-epoch."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import fractions
@@ -12,19 +13,24 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from cifar_resnet import ScratchResNet
-from cifar_resnet.callbacks import StopChildProcessesOnError, StopOnNonFiniteLoss
+from cifar_resnet.callbacks import ClassFigures, StopChildProcessesOnError, StopOnNonFiniteLoss
 from cifar_resnet.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO, atomic_save, read_checkpoint
 from cifar_resnet.callbacks.safety import open_lock_file
-from cifar_resnet.cli import _user_message, main, run
+from cifar_resnet.cli import Interrupted, _drop_working_folder_from_path, _finished_training, _user_message, main, run
+from cifar_resnet.config_files import check_config_files
+from cifar_resnet.entry import main as entry_main
+from cifar_resnet.launch_env import check_launcher_variables
 from cifar_resnet.data.archive import ARCHIVE_NAME, FOLDER_NAME
 from cifar_resnet.data.synthetic import py2_pickle, synthetic_split
 from cifar_resnet.errors import UserError
@@ -140,6 +146,24 @@ def test_a_data_pickle_that_would_run_code_is_refused(cifar_dir: Path, tmp_path:
         (["--seed_everything", str(2**32)], "seed_everything must lie in [0, 4294967295]"),
         (["--data.num_workers", "-1"], "num_workers must be 0 or more, got -1"),
         (["--data.output_size", "100000"], "output_size must be at most 1024"),
+        # Issue 21: values jsonargparse takes but Lightning or torch tripped over with a traceback.
+        (["--data.batch_size", "1e20"], 'Parser key "data.batch_size"'),
+        (["--data.batch_size", str(2**70)], f"data.batch_size is {2**70}, which does not fit in 64 bits: it must lie in [-2^63, 2^63 - 1]"),
+        (["--data.split_seed", str(2**70)], f"data.split_seed is {2**70}, which does not fit in 64 bits"),
+        (["--trainer.devices", str(2**70)], f"trainer.devices is {2**70}, which does not fit in 64 bits"),
+        (["--model.init_args.lr_scheduler.init_args.milestones", f"[{2**70}]"], "lr_scheduler.init_args.milestones[0] is"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be a positive number of batches, got 0"),
+        (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be a number of training batches (1 or more) or a share of the epoch in (0, 1], got 0"),
+        (["--trainer.num_nodes", "0"], "trainer.num_nodes must be a positive number of machines, got 0"),
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be a positive number of epochs"),
+        (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val must be 0 or more"),
+        (["--trainer.num_sanity_val_steps", "-5"], "trainer.num_sanity_val_steps must be 0 or more batches (-1: the whole validation set)"),
+        (["--model.init_args.num_classes", "-3"], "num_classes is -3, but CIFAR-100 has 100 classes"),
+        (["--data.num_workers", "100000"], "num_workers must lie in [0, 64]"),
+        (["--trainer.val_check_interval", "1000"], "Invalid trainer settings: `val_check_interval` (1000) must be less than or equal to the number of the training batches (2)"),
+        (["--ckpt_path", ""], "`--ckpt_path` is empty"),
+        (["--ckpt_path", "best"], "`--ckpt_path best` means the best checkpoint of a Trainer that trained in the same process"),
+        (["--ckpt_path", "hpc"], "`--ckpt_path hpc`: no hpc_ckpt_*.ckpt"),
     ],
 )
 def test_bad_config_values(cifar_dir: Path, tmp_path: Path, capsys, override: list[str], expected: str) -> None:
@@ -171,6 +195,109 @@ def test_a_config_file_that_is_not_utf8_text_is_named(cifar_dir: Path, tmp_path:
     with pytest.raises(SystemExit) as printed:
         main(["fit", "--config", str(latin), *tiny_args(cifar_dir, tmp_path / "runs"), "--print_config"])
     assert printed.value.code == 0 and "ScratchResNet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+@pytest.mark.parametrize("ckpt_path", ["", "best", "hpc"])
+def test_ckpt_paths_no_command_has_are_refused(cifar_dir: Path, tmp_path: Path, capsys, subcommand: str, ckpt_path: str) -> None:
+    err = fails(capsys, subcommand, "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--ckpt_path", ckpt_path)
+    assert "--ckpt_path" in err and ("'last'" in err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_constructors_refuse_what_they_cannot_build() -> None:
+    with pytest.raises(UserError, match="num_classes must be a positive number of classes, got -3"):
+        ScratchResNet(num_classes=-3)
+    with pytest.raises(UserError, match="ClassFigures: every_n_epochs must be a positive number of epochs, got 0"):
+        ClassFigures(every_n_epochs=0)
+    with pytest.raises(UserError, match="ClassFigures: num_misclassified must be 0 or more images, got -1"):
+        ClassFigures(num_misclassified=-1)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("data: [1, 2, 3]\n", "`data` in the config is list [1, 2, 3], but it must be a mapping of data settings"),
+        ("trainer: 5\n", "`trainer` in the config is int 5, but it must be a mapping of trainer settings"),
+        ("trainer: [1]\n", "`trainer` in the config is list [1], but it must be a mapping"),
+        ("prediction: 5\n", "`prediction` in the config is int 5"),
+        ("- 1\n- 2\n", "holds a list: a YAML config is a mapping of settings"),
+        ("5\n", "holds the single value '5': a YAML config is a mapping of settings"),
+        ("", "is empty: a YAML config is a mapping of settings"),
+    ],
+    ids=["data-list", "trainer-int", "trainer-list", "prediction-int", "top-level-list", "top-level-value", "empty"],
+)
+def test_a_config_of_the_wrong_shape_is_named(cifar_dir: Path, tmp_path: Path, capsys, text: str, expected: str) -> None:
+    (tmp_path / "extra.yaml").write_text(text)
+    err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--config", str(tmp_path / "extra.yaml"))
+    assert expected in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ("trainer:\n  max_epochs: 1  # Zoé\n".encode("utf-16"), "is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8"),
+        ("trainer:\n  max_epochs: 1  # Zoé\n".encode("utf-16-le"), "every other byte is 0, as in UTF-16 text without a byte-order mark"),
+        ("trainer:\n  max_epochs: 1\n".encode("utf-16-le"), "contains NUL (0x00) bytes"),
+        ("trainer:\n  max_epochs: 1  # Zoé\n".encode("latin-1"), "(byte 0xe9 on line 2): its bytes read as Latin-1 (or Windows-1252) text"),
+    ],
+    ids=["utf-16-bom", "utf-16-no-bom", "utf-16-ascii", "latin-1"],
+)
+def test_a_config_in_another_encoding_says_which(tmp_path: Path, payload: bytes, expected: str) -> None:
+    (tmp_path / "extra.yaml").write_bytes(payload)
+    with pytest.raises(UserError, match=re.escape(expected)) as raised:
+        check_config_files(["fit", "--config", str(tmp_path / "extra.yaml")])
+    assert "Save it as UTF-8" in str(raised.value)
+
+
+def nested_aliases(levels: int) -> str:
+    """YAML whose last anchor stands for 10**levels values ("billion laughs") in a few hundred bytes."""
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_that_expand_a_config_beyond_reason_are_refused(cifar_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "laughs.yaml").write_text(nested_aliases(9))
+    (tmp_path / "loop.yaml").write_text("data: &a [1, *a]\n")
+    for name in ("laughs.yaml", "loop.yaml"):
+        err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--config", str(tmp_path / name))
+        assert f"--config '{tmp_path / name}' grows to over 1,048,576 characters once its YAML aliases" in err
+    # On the command line: jsonargparse reads values as YAML too.
+    value = "{" + nested_aliases(9).strip().replace("\n", ", ") + "}"
+    err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--data", value)
+    assert "The command-line value grows to over 1,048,576 characters" in err
+    # The control: a few aliases, as a config may well use, are fine.
+    (tmp_path / "some.yaml").write_text("x: &x {max_epochs: 1}\ntrainer: *x\n" + nested_aliases(3))
+    check_config_files(["--config", str(tmp_path / "some.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"LOCAL_RANK": "1"}, "this process is rank 1 (LOCAL_RANK=1), but WORLD_SIZE is not set: no launcher started it. Unset LOCAL_RANK"),
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "this process is rank 3 (RANK=3), but WORLD_SIZE is 2"),
+        ({"RANK": "x"}, "The environment variable RANK='x' is not a whole number 0 or more"),
+        ({"WORLD_SIZE": ""}, "The environment variable WORLD_SIZE='' is not a whole number"),
+        ({"NODE_RANK": "-1"}, "NODE_RANK='-1' is not a whole number 0 or more"),
+    ],
+)
+def test_launcher_variables_no_launcher_set_are_named(cifar_dir: Path, tmp_path: Path, capsys, monkeypatch, environ: dict, expected: str) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    err = fails(capsys, "fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"))
+    assert expected in err
+    # The installed command checks them before Lightning, which reads them as it is imported.
+    with pytest.raises(SystemExit) as exit_info:
+        entry_main(["fit", "--config", SCRATCH])
+    assert exit_info.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_launcher_variables_of_a_launcher_pass() -> None:
+    check_launcher_variables({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "NODE_RANK": "0", "MASTER_PORT": "x"})
+    check_launcher_variables({"LOCAL_RANK": "0"})
+    check_launcher_variables({})
 
 
 def test_unknown_key_in_a_config_file_is_one_line_not_a_page_of_usage(cifar_dir: Path, tmp_path: Path) -> None:
@@ -585,3 +712,73 @@ def test_a_lock_file_that_is_a_pipe_or_a_link_is_named_never_waited_on(tmp_path:
     with open_lock_file(tmp_path / ".lock") as lock:  # the control
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert (tmp_path / ".lock").read_bytes() == b""
+
+
+@pytest.mark.parametrize("pythonpath", [":/opt/x", "/opt/x:", "/opt/x::/opt/y"])
+def test_an_empty_pythonpath_entry_does_not_make_the_working_folder_importable(tmp_path: Path, monkeypatch, pythonpath: str) -> None:
+    # Python turns an empty PYTHONPATH entry into the working folder; the installed script's own folder comes first.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", pythonpath)
+    monkeypatch.setattr(sys, "path", [str(Path(sys.executable).parent), str(tmp_path), "/opt/x", *sys.path])
+    _drop_working_folder_from_path()
+    assert str(tmp_path) not in sys.path and "" not in sys.path and "/opt/x" in sys.path
+    # Asked for by name, it stays.
+    monkeypatch.setenv("PYTHONPATH", f".:{pythonpath}")
+    monkeypatch.setattr(sys, "path", [str(Path(sys.executable).parent), str(tmp_path), *sys.path])
+    _drop_working_folder_from_path()
+    assert str(tmp_path) in sys.path
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    """A real new process (the forked ones have imported everything): SIGINT once it is importing torch, again
+    until it ends, so that it lands during the imports whatever the machine's speed."""
+    args = [sys.executable, "-m", "cifar_resnet", "fit", "--config", SCRATCH, "--data.data_dir", str(tmp_path / "none")]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    try:
+        # The process has loaded torch's library: it is in `import torch`, seconds before any command runs.
+        while proc.poll() is None and "libtorch" not in maps.read_text(errors="replace"):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.01)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.2)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "stopped by SIGINT" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.slow
+def test_sigterm_at_the_end_of_the_last_epoch_says_nothing_is_left(cifar_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("fit", "--config", SCRATCH, *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.callbacks+=faults.SigtermAfterLastEpoch",
+                   cwd=tmp_path, env=env_with_tests(), expect_ok=False)  # fmt: skip
+    last = tmp_path / "runs" / "scratch" / "version_0" / "checkpoints" / "last.ckpt"
+    assert proc.returncode == 128 + signal.SIGTERM and last.is_file()
+    assert f"fit stopped by SIGTERM after its last epoch: the run finished training; its newest checkpoint is {last}." in proc.stderr
+    assert "starts again on resume" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+class StandInTrainer:
+    """What :func:`_finished_training` reads of a Trainer."""
+
+    def __init__(self, current_epoch: int, global_step: int, max_epochs: int | None = 2, max_steps: int = -1) -> None:
+        self.current_epoch, self.global_step, self.max_epochs, self.max_steps = current_epoch, global_step, max_epochs, max_steps
+        self.state = types.SimpleNamespace(fn="fit")
+
+
+def test_sigterm_after_the_last_epoch_says_the_run_finished(tmp_path: Path) -> None:
+    assert _finished_training(StandInTrainer(current_epoch=2, global_step=20))
+    assert _finished_training(StandInTrainer(current_epoch=1, global_step=10, max_epochs=-1, max_steps=10))
+    assert not _finished_training(StandInTrainer(current_epoch=1, global_step=10))
+    assert not _finished_training(StandInTrainer(current_epoch=1, global_step=10, max_epochs=-1, max_steps=-1))
+    last = tmp_path / "last.ckpt"
+    finished = Interrupted(signal.SIGTERM, "fit", 2, last, finished=True).message(["fit", "--config", "x.yaml"])
+    assert finished == f"cifar-resnet: fit stopped by SIGTERM after its last epoch: the run finished training; its newest checkpoint is {last}. Nothing is left to resume."
+    stopped = Interrupted(signal.SIGTERM, "fit", 1, last).message(["fit", "--config", "x.yaml"])
+    assert "in epoch 1, which starts again on resume" in stopped and "--ckpt_path" in stopped
+

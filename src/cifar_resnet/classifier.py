@@ -85,6 +85,8 @@ class ImageClassifier(LightningModule, ABC):
         """
         super().__init__()
         self.save_hyperparameters()
+        if num_classes < 1:
+            raise UserError(f"num_classes must be a positive number of classes, got {num_classes}.")
         if not 0 <= label_smoothing < 1:
             raise UserError(f"label_smoothing must lie in [0, 1), got {label_smoothing}.")
         if compile not in (False, True, *get_args(CompileMode)):

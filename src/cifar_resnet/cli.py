@@ -35,6 +35,7 @@ from cifar_resnet.data import CIFAR100DataModule
 from cifar_resnet.data.archive import NUM_CLASSES
 from cifar_resnet.errors import UserError
 from cifar_resnet.folder_snapshot import FolderSnapshot, StepCounter
+from cifar_resnet.launch_env import check_launcher_variables
 from cifar_resnet.loggers import (
     RUN_IDS,
     RUN_RECORD,
@@ -70,6 +71,11 @@ IGNORED_WARNINGS = (
 )
 
 
+# Lightning's checks of Trainer settings that only the data can answer, made once training starts (a
+# ValueError, not its MisconfigurationException); each a regular expression matched against the message.
+LIGHTNING_SETTING_ERRORS = (r"\s*`val_check_interval` \(\d+\) must be less than or equal to the number of the training batches",)
+
+
 class _DropLitLoggerTip(logging.Filter):
     """Drops Lightning's advertisement for its cloud logger."""
 
@@ -94,22 +100,40 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped a command; ``code`` is the conventional exit status (128 + signal)."""
 
     def __init__(
-        self, signum: signal.Signals, subcommand: str | None, epoch: int | None, checkpoint: Path | None, quiet: bool = False
+        self,
+        signum: signal.Signals,
+        subcommand: str | None,
+        epoch: int | None,
+        checkpoint: Path | None,
+        quiet: bool = False,
+        finished: bool = False,
     ) -> None:
         super().__init__(signum.name)
         self.signum, self.subcommand, self.epoch, self.checkpoint = signum, subcommand, epoch, checkpoint
         self.code = 128 + int(signum)
         self.quiet = quiet  # DDP ranks other than 0 leave the talking to rank 0
+        self.finished = finished  # a fit stopped after its last epoch or step: nothing is left to train
 
     def message(self, argv: list[str]) -> str:
         """One line: what stopped, and the command that resumes (or repeats) it."""
         stopped = f"cifar-resnet: {self.subcommand or 'the command'} stopped by {self.signum.name}"
         if self.subcommand != "fit":
             return f"{stopped}; nothing to resume, run the command again."
+        if self.finished:
+            kept = f"; its newest checkpoint is {self.checkpoint}" if self.checkpoint is not None else ""
+            return f"{stopped} after its last epoch: the run finished training{kept}. Nothing is left to resume."
         if self.checkpoint is None:
             return f"{stopped} in epoch {self.epoch} before any checkpoint was written; run the same command again to start over."
         command = shlex.join(["cifar-resnet", *_without_ckpt_path(argv), "--ckpt_path", str(self.checkpoint)])
         return f"{stopped} in epoch {self.epoch}, which starts again on resume. Resume from {self.checkpoint} with: {command}"
+
+
+def _finished_training(trainer: Trainer) -> bool:
+    """Whether a fit has done all its epochs or steps (the limits Lightning's fit loop stops at)."""
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if trainer.state.fn != "fit":
+        return False
+    return (max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch) or 0 <= max_steps <= trainer.global_step
 
 
 def _without_ckpt_path(argv: list[str]) -> list[str]:
@@ -261,6 +285,8 @@ class CifarCLI(CLIInternals):
                 raise self._interrupted(signal.SIGINT) from None
             self._drop_unused_run_folder()
             self._undo_failed_resume()
+            if isinstance(err, ValueError) and any(re.match(p, str(err)) for p in LIGHTNING_SETTING_ERRORS):
+                raise UserError(f"Invalid trainer settings: {str(err).strip()}") from err
             raise
 
     def _drop_unused_run_folder(self) -> None:
@@ -295,7 +321,8 @@ class CifarCLI(CLIInternals):
             return Interrupted(signum, subcommand, None, None)
         folders = {Path(c.dirpath) for c in trainer.checkpoint_callbacks if c.dirpath}
         newest = newest_checkpoint(p for folder in folders for p in folder.glob("*.ckpt"))
-        return Interrupted(signum, subcommand, trainer.current_epoch, newest, quiet=not trainer.is_global_zero)
+        quiet = not trainer.is_global_zero
+        return Interrupted(signum, subcommand, trainer.current_epoch, newest, quiet, finished=_finished_training(trainer))
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """A parser that raises on bad arguments (``main`` prints them) instead of printing a page of usage."""
@@ -310,6 +337,8 @@ class CifarCLI(CLIInternals):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
+            _check_groups(config, subcommand)
+            check_launcher_variables(os.environ)
             trainer = config.trainer
             if trainer.get("deterministic") and trainer.get("benchmark"):
                 # The recipes autotune cuDNN, which would make `deterministic: true` silently non-deterministic.
@@ -448,14 +477,95 @@ def _check_values(config: Namespace) -> None:
     seed = config.get("seed_everything")
     if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
         raise UserError(f"seed_everything must lie in [0, {MAX_SEED}] (2^32 - 1), got {seed}.")
-    steps = config.trainer.get("log_every_n_steps")
-    if steps is not None and steps < 1:
-        raise UserError(f"trainer.log_every_n_steps must be a positive number of steps, got {steps}.")
+    _check_int_sizes(config)
+    devices = config.trainer.get("devices")
+    if isinstance(devices, str) and devices.strip().isdigit():  # Lightning reads "8" as 8 devices
+        _check_int_sizes(int(devices), "trainer.devices")
+    for key, (low, what) in TRAINER_MINIMUMS.items():
+        value = config.trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise UserError(f"trainer.{key} must be {what}, got {value}.")
+    interval = config.trainer.get("val_check_interval")
+    if isinstance(interval, float) and not 0 < interval <= 1 or isinstance(interval, int) and interval < 1:
+        raise UserError(
+            "trainer.val_check_interval must be a number of training batches (1 or more) or a share of the epoch "
+            f"in (0, 1], got {interval}."
+        )
+    model = config.get("model")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    num_classes = init_args.get("num_classes") if isinstance(init_args, Namespace) else None
+    if isinstance(num_classes, int) and num_classes != NUM_CLASSES:  # before a head of that size is built
+        raise UserError(
+            f"model.init_args.num_classes is {num_classes}, but CIFAR-100 has {NUM_CLASSES} classes. "
+            f"Set `--model.init_args.num_classes {NUM_CLASSES}`."
+        )
+    _check_ckpt_path(config)
     logger = config.trainer.get("logger")
     save_dir = logger.get("init_args", Namespace()).get("save_dir") if isinstance(logger, Namespace) else None
     blocker = file_in_the_way(Path(save_dir) / "run") if save_dir else None  # save_dir itself or a parent
     if blocker is not None:
         raise UserError(f"trainer.logger.init_args.save_dir is '{save_dir}', but '{blocker}' is a file. Give a folder.")
+
+
+# Trainer settings Lightning takes unchecked and then trips over (a division by zero, an overflow) or quietly
+# misreads (a negative clipping value flips the gradients): the least value each may have, and its wording.
+TRAINER_MINIMUMS: dict[str, tuple[int, str]] = {
+    "log_every_n_steps": (1, "a positive number of steps"),
+    "accumulate_grad_batches": (1, "a positive number of batches"),
+    "num_nodes": (1, "a positive number of machines"),
+    "check_val_every_n_epoch": (1, "a positive number of epochs (or null: validate by val_check_interval alone)"),
+    "num_sanity_val_steps": (-1, "0 or more batches (-1: the whole validation set)"),
+    "min_epochs": (0, "0 or more"),
+    "min_steps": (0, "0 or more"),
+    "gradient_clip_val": (0, "0 or more (0 or null: no clipping)"),
+}
+INT64_MAX = 2**63 - 1
+
+
+def _check_int_sizes(value: Any, key: str = "") -> None:
+    """Refuse any whole number in the config ``value`` that does not fit in 64 bits: torch and Lightning
+    overflow on it with a traceback (``--data.split_seed 2**70``)."""
+    if isinstance(value, Namespace):
+        for name, item in value.items():
+            _check_int_sizes(item, f"{key}.{name}" if key else name)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_int_sizes(item, f"{key}[{index}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise UserError(f"{key} is {value}, which does not fit in 64 bits: it must lie in [-2^63, 2^63 - 1].")
+
+
+def _check_groups(config: Namespace, subcommand: str) -> None:
+    """Refuse a config whose ``trainer``, ``data`` or ``prediction`` is not a mapping of settings (``data: [1, 2]``),
+    which jsonargparse lets through to the constructors."""
+    for key in ("trainer", "data", "prediction"):
+        value = config.get(key)
+        if key in config and not isinstance(value, Namespace):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise UserError(
+                f"`{key}` in the config is {type(value).__name__} {shown}, but it must be a mapping of {key} settings "
+                f"(`{key}:` then indented `name: value` lines, as in the recipes). See `cifar-resnet {subcommand} --help`."
+            )
+
+
+def _check_ckpt_path(config: Namespace) -> None:
+    """Refuse the ``--ckpt_path`` values Lightning takes but this program's commands never have a checkpoint for."""
+    ckpt_path = config.get("ckpt_path")
+    if isinstance(ckpt_path, str) and not ckpt_path.strip():
+        raise UserError("`--ckpt_path` is empty: give a .ckpt file, or 'last' (or leave it out to start from scratch).")
+    if ckpt_path == "best":
+        raise UserError(
+            "`--ckpt_path best` means the best checkpoint of a Trainer that trained in the same process, and each "
+            "cifar-resnet command starts a new one. Give the checkpoint's file (runs/<name>/version_N/checkpoints/"
+            "best-*.ckpt) or 'last'."
+        )
+    if ckpt_path == "hpc":
+        folder = Path(config.trainer.get("default_root_dir") or ".")
+        if not any(folder.glob("hpc_ckpt_*.ckpt")):
+            raise UserError(
+                f"`--ckpt_path hpc`: no hpc_ckpt_*.ckpt (Lightning's SLURM requeue checkpoint) in '{folder}'. "
+                "Give a .ckpt file, or 'last' for the run's newest checkpoint."
+            )
 
 
 def with_fixed_format_bar(trainer_config: Namespace, kwargs: dict[str, Any]) -> None:
@@ -627,9 +737,10 @@ def _drop_working_folder_from_path() -> None:
     """Keep modules in the working folder from being imported (a config's ``class_path`` could name
     one): ``python -m`` puts that folder first on ``sys.path``. ``PYTHONPATH=.`` still adds it on purpose."""
     cwd = os.getcwd()
-    asked = any(os.path.abspath(p or ".") == cwd for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
-    if sys.path and os.path.abspath(sys.path[0] or ".") == cwd and not asked:
-        del sys.path[0]
+    # An empty PYTHONPATH entry (`PYTHONPATH=:/opt/x`) also means the working folder, but nobody asks for it so.
+    asked = any(os.path.abspath(p) == cwd for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    if not asked:
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != cwd]
 
 
 # Errors that can only come from a write, so a message can name them without a file name (a file object's

@@ -61,6 +61,10 @@ class ClassFigures(Callback):
             background: Draw on a background thread while training goes on (false: on the training thread,
                 which then waits for each drawing).
         """
+        if every_n_epochs < 1:
+            raise UserError(f"ClassFigures: every_n_epochs must be a positive number of epochs, got {every_n_epochs}.")
+        if num_misclassified < 0:
+            raise UserError(f"ClassFigures: num_misclassified must be 0 or more images, got {num_misclassified}.")
         self.every_n_epochs = every_n_epochs
         self.num_misclassified = num_misclassified
         self.background = background

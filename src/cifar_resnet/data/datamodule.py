@@ -123,6 +123,9 @@ def keep_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
+MAX_WORKERS = 64  # DataLoader worker processes; more would only start processes that wait
+
+
 class CIFAR100DataModule(LightningDataModule):
     """CIFAR-100 from the official archive, with flips, normalisation and resizing done on the device."""
 
@@ -188,6 +191,8 @@ class CIFAR100DataModule(LightningDataModule):
             raise UserError(problem)
         if num_workers < 0:
             raise UserError(f"num_workers must be 0 or more, got {num_workers}.")
+        if num_workers > MAX_WORKERS:  # each is a process
+            raise UserError(f"num_workers must lie in [0, {MAX_WORKERS}] (0 is right: a batch is one slice in memory), got {num_workers}.")
         if data_on_device and num_workers:
             raise UserError("data_on_device: true needs num_workers: 0 (worker processes cannot slice GPU tensors).")
         self.data_dir = Path(data_dir)
