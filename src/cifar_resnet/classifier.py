@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_resnet.averaging import EMAWeights
 from cifar_resnet.compat import attached_trainer, counted_optimizer_step
 from cifar_resnet.checkpointing import check_checkpoint_fits, check_optimizer_fits, stamp_schema
+from cifar_resnet.checkpointing.compatibility import check_loops_fit
 from cifar_resnet.errors import UserError
 from cifar_resnet.metrics import ConfusionMatrix
 from cifar_resnet.models import SeedResNet, load_imagenet_weights, resnet18_for_cifar
@@ -365,6 +366,7 @@ class ImageClassifier(LightningModule, ABC):
             groups = [group["params"] for group in parameter_groups(self, self.hparams.weight_decay_norm_and_bias)]
             shapes = [p.shape for params in groups for p in params]
             check_optimizer_fits(checkpoint, self._optimizer_name(), [len(params) for params in groups], path, shapes)
+            check_loops_fit(checkpoint, {"fit_loop": trainer.fit_loop.state_dict()})
         if self._train_step is not None:  # a captured graph may read tensors that the restore replaces
             self._train_step.reset()
 

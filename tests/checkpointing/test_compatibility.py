@@ -76,6 +76,8 @@ DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
     "a parameter listed twice": (lambda c: c["optimizer_states"][0]["param_groups"][0]["params"].__setitem__(1, 0), "number their parameters other than once each"),
     "state of an unlisted parameter": (lambda c: c["optimizer_states"][0]["state"].__setitem__(999, {}), "hold state of parameters they do not list"),
     "a parameter state of text": (lambda c: c["optimizer_states"][0]["state"].__setitem__(0, {"step": "x"}), "a parameter state that is not named tensors and numbers"),
+    "a scheduler state without its step": (setitem("lr_schedulers", [{"bogus": 1}]), "its 'lr_schedulers' state 0 is not the state of a learning-rate scheduler"),
+    "a scheduler's base rates of text": (lambda c: c["lr_schedulers"][0].__setitem__("base_lrs", ["0.1"]), "its 'lr_schedulers' state 0 is not the state"),
     "a setting of 10 MB": (lambda c: c["hyper_parameters"].__setitem__("label_smoothing", "x" * 10**7), "its 'hyper_parameters' holds a text of 10,000,000 characters (at most 4,096)"),
     "a setting nested deep": (lambda c: c["datamodule_hyper_parameters"].__setitem__("mean", functools.reduce(lambda x, _: [x], range(40), 0)), "its 'datamodule_hyper_parameters' is nested more than 16 deep"),
 }
@@ -206,3 +208,25 @@ def test_the_trained_weights_beside_the_average_must_fit_too(checkpoint: dict) -
     damaged["current_model_state"]["net.fc.weight"] = torch.zeros(10, 3)  # what a resume loads into the model
     with pytest.raises(UserError, match=r"holds the weights of ScratchResNet, which do not fit ScratchResNet \(wrong shape: net\.fc\.weight\)"):
         check_checkpoint_fits(model, damaged)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [(lambda loops: loops.__setitem__("fit_loop", 5), "('loops.fit_loop') is of type int, not a mapping"),
+     (lambda loops: loops["fit_loop"].pop("epoch_progress"), "lacks 'loops.fit_loop.epoch_progress'"),
+     (lambda loops: loops["fit_loop"]["epoch_progress"]["total"].__setitem__("completed", "2"), "('loops.fit_loop.epoch_progress.total.completed') is of type str, not a whole number")],
+    ids=["a-number", "a-part-missing", "a-counter-of-text"],
+)  # fmt: skip
+def test_a_training_loop_state_of_another_form_is_named_on_resume(
+    cifar_dir: Path, tmp_path: Path, capsys, change: Callable[[dict], None], expected: str
+) -> None:
+    last = unpack_old_run(tmp_path)
+    damaged = torch.load(last, weights_only=True)
+    change(damaged["loops"])
+    torch.save(damaged, last)
+    args = ["--config", str(last.parent.parent / "config.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "The checkpoint being loaded is damaged or was not written by this program: its training-loop state " + expected in err

@@ -178,9 +178,50 @@ def malformed(checkpoint: Mapping[str, Any]) -> str | None:
         problem = checkpoint_state_problem(checkpoint[CIFAR100DataModule.__qualname__])
         if problem:
             return problem
-    return _random_states_problem(checkpoint.get("callbacks", {}).get("RandomStates")) or _optimizer_states_problem(
-        checkpoint.get("optimizer_states", [])
+    return (
+        _random_states_problem(checkpoint.get("callbacks", {}).get("RandomStates"))
+        or _optimizer_states_problem(checkpoint.get("optimizer_states", []))
+        or _scheduler_states_problem(checkpoint.get("lr_schedulers", []))
     )
+
+
+def _scheduler_states_problem(states: list[Any]) -> str | None:
+    """What about the LR schedulers' states no torch scheduler writes, or ``None``: each has its step count
+    (``last_epoch``) and one base learning rate per parameter group, without which a resume would silently
+    start the schedule over."""
+    for index, state in enumerate(states):
+        base_lrs = state.get("base_lrs") if isinstance(state, Mapping) else None
+        if not (
+            isinstance(state, Mapping) and type(state.get("last_epoch")) is int and isinstance(base_lrs, list)
+            and all(isinstance(lr, (int, float)) and not isinstance(lr, bool) for lr in base_lrs)
+        ):  # fmt: skip
+            return f"its 'lr_schedulers' state {index} is not the state of a learning-rate scheduler (last_epoch and base_lrs)"
+    return None
+
+
+def check_loops_fit(checkpoint: Mapping[str, Any], fresh: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose training-loop state (``loops``: epoch and batch counters) lacks a part the
+    Trainer's loops have (``fresh``: their ``state_dict()``s by name) or holds it in another form: Lightning would
+    stop with a ``KeyError`` or ``AttributeError`` from inside its restore."""
+    problem = _form_problem(checkpoint.get("loops"), fresh, "loops")
+    if problem:
+        raise damaged_part("training-loop state", problem)
+
+
+def _form_problem(value: Any, like: Any, where: str) -> str | None:
+    """Where ``value`` lacks a key of ``like`` or holds a mapping or a whole number where ``like`` holds another thing."""
+    if isinstance(like, Mapping):
+        if not isinstance(value, Mapping):
+            return f"('{where}') is of type {type(value).__name__}, not a mapping"
+        for key, part in like.items():
+            if key not in value:
+                return f"lacks '{where}.{key}'"
+            problem = _form_problem(value[key], part, f"{where}.{key}")
+            if problem:
+                return problem
+    elif isinstance(like, int) and not isinstance(like, bool) and (type(value) is not int):
+        return f"('{where}') is of type {type(value).__name__}, not a whole number"
+    return None
 
 
 def _oversized(value: Any, depth: int = 0) -> str | None:
