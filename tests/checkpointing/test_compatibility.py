@@ -105,6 +105,7 @@ def test_a_part_of_the_wrong_shape_is_named(checkpoint: dict, tmp_path: Path, da
     assert f"'{path}' is damaged or was not written by this program: " in str(err.value) and expected in str(err.value)
 
 
+@pytest.mark.slow  # a command run in-process, up to its refusal
 def test_the_command_names_it_too(checkpoint: dict, cifar_dir: Path, tmp_path: Path, capsys) -> None:
     damaged = copy.deepcopy(checkpoint)
     damaged["hyper_parameters"] = "fast"
@@ -151,6 +152,7 @@ def test_a_resume_with_another_optimizer_stops_before_it_changes_anything(
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
 
 
+@pytest.mark.slow  # a command run in-process, up to its refusal
 @pytest.mark.parametrize(
     "part, value, expected",
     [("RandomStates", {"cpu": torch.zeros(5056, dtype=torch.uint8)}, "its random generator state ('cpu') cannot be restored"),
@@ -175,6 +177,7 @@ def test_a_callback_state_that_cannot_be_restored_is_named(
     assert last.read_bytes() == before
 
 
+@pytest.mark.slow  # a command run in-process, up to its refusal
 @pytest.mark.parametrize("subcommand", ["fit", "test", "predict"])
 def test_every_command_refuses_settings_it_would_believe(checkpoint: dict, cifar_dir: Path, tmp_path: Path, capsys, subcommand: str) -> None:
     damaged = copy.deepcopy(checkpoint)
@@ -210,6 +213,7 @@ def test_the_trained_weights_beside_the_average_must_fit_too(checkpoint: dict) -
         check_checkpoint_fits(model, damaged)
 
 
+@pytest.mark.slow  # a command run in-process, up to its refusal
 @pytest.mark.parametrize(
     "change, expected",
     [(lambda loops: loops.__setitem__("fit_loop", 5), "('loops.fit_loop') is of type int, not a mapping"),
