@@ -12,9 +12,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from cifar_resnet.atomic import atomic_write_text
-from cifar_resnet.outputs import check_output
 from cifar_resnet.callbacks import data_questions
 from cifar_resnet.figures import per_class_accuracy, superclass_accuracy
+from cifar_resnet.outputs import check_output
 
 REPORT_NAMES = {"test": "test_report.json", "val": "val_report.json"}
 
