@@ -83,6 +83,22 @@ DAMAGE: dict[str, tuple[Callable[[dict], None], str]] = {
 }
 
 
+def resume_from_damaged(cifar_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, change: Callable[[dict], None]) -> tuple[bytes, bytes, str]:
+    """Resume the old run after ``change`` to its checkpoint; expect the one-paragraph error, exit code 2; return the
+    checkpoint's bytes before and after the command, and the message."""
+    last = unpack_old_run(tmp_path)
+    damaged = torch.load(last, weights_only=True)
+    change(damaged)
+    torch.save(damaged, last)
+    before = last.read_bytes()
+    args = ["--config", str(last.parent.parent / "config.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--ckpt_path", "last"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    return before, last.read_bytes(), err
+
+
 @pytest.fixture(scope="module")
 def checkpoint() -> dict:
     with gzip.open(OLD) as packed:
@@ -163,18 +179,9 @@ def test_a_resume_with_another_optimizer_stops_before_it_changes_anything(
 def test_a_callback_state_that_cannot_be_restored_is_named(
     cifar_dir: Path, tmp_path: Path, capsys, part: str, value: dict, expected: str
 ) -> None:
-    last = unpack_old_run(tmp_path)
-    damaged = torch.load(last, weights_only=True)
-    damaged["callbacks"][part] = value
-    torch.save(damaged, last)
-    before = last.read_bytes()
-    args = ["--config", str(last.parent.parent / "config.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--ckpt_path", "last"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err
+    before, after, err = resume_from_damaged(cifar_dir, tmp_path, capsys, lambda damaged: damaged["callbacks"].__setitem__(part, value))
     assert "The checkpoint being loaded is damaged or was not written by this program: " + expected in err
-    assert last.read_bytes() == before
+    assert after == before
 
 
 @pytest.mark.slow  # a command run in-process, up to its refusal
@@ -224,13 +231,5 @@ def test_the_trained_weights_beside_the_average_must_fit_too(checkpoint: dict) -
 def test_a_training_loop_state_of_another_form_is_named_on_resume(
     cifar_dir: Path, tmp_path: Path, capsys, change: Callable[[dict], None], expected: str
 ) -> None:
-    last = unpack_old_run(tmp_path)
-    damaged = torch.load(last, weights_only=True)
-    change(damaged["loops"])
-    torch.save(damaged, last)
-    args = ["--config", str(last.parent.parent / "config.yaml"), *tiny_args(cifar_dir, tmp_path / "runs"), "--trainer.max_epochs", "2"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *args, "--ckpt_path", "last"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in err
+    *_, err = resume_from_damaged(cifar_dir, tmp_path, capsys, lambda damaged: change(damaged["loops"]))
     assert "The checkpoint being loaded is damaged or was not written by this program: its training-loop state " + expected in err

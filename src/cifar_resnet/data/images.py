@@ -20,6 +20,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from cifar_resnet.atomic import special_file_kind
 from cifar_resnet.errors import UserError
 
 # Decoding an image larger than this (after JPEG's reduced-scale decoding) is refused: it would need
@@ -73,14 +74,8 @@ def image_files(path: Path) -> list[Path]:
 
 
 def _kind(mode: int) -> str:
-    """What a file of ``st_mode`` ``mode`` is, in words."""
-    if stat.S_ISFIFO(mode):
-        return "a named pipe (FIFO)"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    """What a file of ``st_mode`` ``mode`` (no regular file) is, in words: a pipe named as predict's list names it."""
+    return "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else special_file_kind(mode) or "a regular file"
 
 
 def open_regular(path: Path) -> BinaryIO:
